@@ -1,0 +1,125 @@
+"""Config conventions shared by every file in configs/ (big_vision style).
+
+A config file defines ``get_config(arg)``; ``arg`` is a typed argument string such as
+``"patch=4,smoke"`` parsed once by :func:`parse_arg`. :func:`base_config` holds every section
+with its defaults, so a config file states only what differs, and :func:`validate` rejects bad
+values with a clear message before any compile or data loading starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import ml_collections
+
+from pdm_jax.diffusion import losses, samplers, schedules
+from pdm_jax.models.unet import UNetConfig
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """Parses ``"key=value,flag"`` into a ConfigDict typed by ``defaults``.
+
+    Args:
+      arg: the string after ':' in ``--config=configs/x.py:arg``; may be None or empty.
+      **defaults: every accepted key with its default; a bare ``flag`` sets a bool to True.
+
+    Returns:
+      ConfigDict with one entry per default.
+
+    Raises:
+      ValueError: unknown keys, naming the accepted ones.
+    """
+    result = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in defaults:
+            raise ValueError(f"Unknown config argument {key!r} in {arg!r}; accepted: "
+                             f"{sorted(defaults)}.")
+        default = defaults[key]
+        if isinstance(default, bool):
+            result[key] = value.lower() not in ("0", "false", "no") if value else True
+        elif value == "":
+            raise ValueError(f"Config argument {key!r} needs a value ({key}=...).")
+        else:
+            result[key] = type(default)(value) if default is not None else value
+    return result
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every section and key with its default (config files override what they need)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = dict(name="pdm_emoji_demo", image_size=64, folder="", data_dir="", manual_dir="",
+                  split="train", shuffle_buffer=10_000, random_flip=True,
+                  class_conditional=False, cache=False)
+    c.model = dict(image_size=64, patch_size=4, in_channels=3, model_channels=128,
+                   channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(16, 8),
+                   num_head_channels=64, num_classes=0, learn_sigma=True, dropout=0.0,
+                   num_groups=32, norm_eps=1e-5, out_norm_eps=1e-3, dtype="float32",
+                   remat=False, variance_grad_to_time_mlp=True)
+    c.diffusion = dict(schedule="linear", num_timesteps=1000, parameterization="x0",
+                       weighting="sqrt_snr", snr_interval=(0.0, float("inf")))
+    c.optim = dict(lr=1e-4, warmup_steps=5_000, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0,
+                   grad_clip=0.0)
+    c.train = dict(num_steps=100_000, batch_size=256, log_every=100, sample_every=5_000,
+                   ema_decay=0.9999, label_dropout=0.1, grid_size=16, grid_steps="50")
+    c.sample = dict(num_samples=64, batch_size=64, steps="250", sampler="ddpm", eta=0.0,
+                    guidance_scale=1.5, name="", seed=0)
+    c.ckpt = dict(every=5_000, keep=3, async_save=True)
+    c.log = dict(tensorboard=True)
+    c.mesh = dict(shape=(-1, 1))
+    return c
+
+
+def unet_config(config: ml_collections.ConfigDict) -> UNetConfig:
+    """The UNetConfig of a run config (model section)."""
+    return UNetConfig.from_dict(config.model.to_dict())
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks a run config; raises ValueError naming the first bad value.
+
+    Runs in milliseconds, before any data loading or compilation.
+    """
+    model = unet_config(config)
+    model.validate()
+    if model.image_size != config.data.image_size:
+        raise ValueError(f"model.image_size={model.image_size} differs from "
+                         f"data.image_size={config.data.image_size}.")
+    if config.data.class_conditional and not model.num_classes:
+        raise ValueError("data.class_conditional=True needs model.num_classes > 0.")
+    d = config.diffusion
+    schedules.make_betas(d.schedule, d.num_timesteps)
+    if d.parameterization not in losses.PARAMETERIZATIONS:
+        raise ValueError(f"Unknown diffusion.parameterization {d.parameterization!r}; expected "
+                         f"one of {losses.PARAMETERIZATIONS}.")
+    losses.loss_weight(1.0, d.weighting)
+    schedules.respace_timesteps(config.sample.steps, d.num_timesteps)
+    schedules.respace_timesteps(config.train.grid_steps, d.num_timesteps)
+    if config.sample.sampler not in samplers.SAMPLERS:
+        raise ValueError(f"Unknown sample.sampler {config.sample.sampler!r}; expected one of "
+                         f"{samplers.SAMPLERS}.")
+    for section, key in (("train", "num_steps"), ("train", "batch_size"), ("train", "log_every"),
+                         ("ckpt", "every"), ("ckpt", "keep"), ("sample", "batch_size")):
+        if config[section][key] <= 0:
+            raise ValueError(f"{section}.{key} must be positive, got {config[section][key]}.")
+    if not 0.0 <= config.train.ema_decay < 1.0:
+        raise ValueError(f"train.ema_decay must be in [0, 1), got {config.train.ema_decay}.")
+    if not 0.0 <= config.train.label_dropout < 1.0:
+        raise ValueError(f"train.label_dropout must be in [0, 1), got "
+                         f"{config.train.label_dropout}.")
+
+
+def architecture_fingerprint(config: ml_collections.ConfigDict) -> str:
+    """Hash of what a checkpoint's arrays depend on: model and optimiser structure.
+
+    Schedules, step counts, logging and sampling settings may change across a resume; the model
+    architecture and the optimiser's state layout may not.
+    """
+    relevant = {"model": config.model.to_dict(),
+                "optim_state": {"grad_clip": bool(config.optim.grad_clip)}}
+    blob = json.dumps(relevant, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,64 @@
+"""``--mode=summary``: per model, patch size, SNR interval, parameters and GMACs per forward."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import tensorflow as tf
+from flax import nnx
+
+from pdm_jax import config_lib
+from pdm_jax.diffusion.schedules import Schedule, steps_in_snr_interval
+from pdm_jax.models.flops import count_macs
+from pdm_jax.models.unet import abstract_model
+
+
+def summarize(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict:
+    """Builds the summary by abstract evaluation (no weights, no compile) and writes it.
+
+    Args:
+      config: run config.
+      workdir: if given, ``summary.json`` is written there.
+
+    Returns:
+      ``{"experts": [{"snr_interval", "patch_size", "params", "gmacs_per_forward",
+      "sampling_steps"}]}``.
+    """
+    config_lib.validate(config)
+    unet = config_lib.unet_config(config)
+    graphdef, state = abstract_model(unet)
+    params = sum(int(x.size) for x in jax.tree.leaves(state))
+    x = jax.ShapeDtypeStruct((1, unet.image_size, unet.image_size, unet.in_channels),
+                             jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    y = jax.ShapeDtypeStruct((1,), jnp.int32) if unet.num_classes else None
+    macs = count_macs(lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y), state, x, t, y)
+    d = config.diffusion
+    respaced = Schedule.from_name(d.schedule, d.num_timesteps).respace(config.sample.steps)
+    lo, hi = d.snr_interval
+    expert = {"snr_interval": [float(lo), float(hi)], "patch_size": unet.patch_size,
+              "image_size": unet.image_size, "params": params,
+              "gmacs_per_forward": round(macs / 1e9, 3),
+              "sampling_steps": int(len(steps_in_snr_interval(respaced, lo, hi)))}
+    summary = {"experts": [expert], "sample_steps": config.sample.steps}
+    if workdir and jax.process_index() == 0:
+        tf.io.gfile.makedirs(workdir)
+        with tf.io.gfile.GFile(f"{workdir}/summary.json", "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    """A fixed-width text table of the summary."""
+    header = f"{'expert':>6} {'SNR interval':>20} {'P':>3} {'image':>6} {'params (M)':>11} " \
+             f"{'GMACs/fwd':>10} {'steps':>6}"
+    rows = [header, "-" * len(header)]
+    for i, e in enumerate(summary["experts"]):
+        lo, hi = e["snr_interval"]
+        rows.append(f"{i:>6} {f'({lo:g}, {hi:g}]':>20} {e['patch_size']:>3} "
+                    f"{e['image_size']:>6} {e['params'] / 1e6:>11.2f} "
+                    f"{e['gmacs_per_forward']:>10.2f} {e['sampling_steps']:>6}")
+    return "\n".join(rows)
