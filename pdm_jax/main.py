@@ -5,6 +5,8 @@ import os
 # Before TensorFlow or JAX initialise: keep TF's C++ logs quiet.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import logging as pylogging  # noqa: E402
+
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -20,9 +22,20 @@ flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(pylogging.Filter):
+    """Drops the INFO chatter of orbax/tfds/jax internals; their warnings still show."""
+
+    _NOISY = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/", "/etils/")
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or not any(
+            part in record.pathname for part in self._NOISY)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     from pdm_jax import sharding  # deferred: imports TensorFlow and orbax
 
     # tf.data must never take accelerator memory (pdm_jax.data hides GPUs/TPUs from TF).

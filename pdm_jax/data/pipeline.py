@@ -67,7 +67,8 @@ def _options(data_config: Any) -> _Options:
         else:
             present, value = hasattr(data_config, field.name), getattr(data_config, field.name, None)
         if present:
-            values[field.name] = value
+            # Config files spell "unset" as "" (ml-collections fields keep their type).
+            values[field.name] = None if value == "" and field.default is None else value
         elif field.default is dataclasses.MISSING:
             raise ValueError(f"data config lacks the required field {field.name!r}.")
     opts = _Options(**values)
