@@ -56,12 +56,23 @@ def test_unknown_config_key_is_named():
         UNetConfig.from_dict({"widht": 3})
 
 
+def _random_model(config):
+    """A U-Net whose every parameter (zero-inits too) is noise, so every layer shows.
+
+    Built abstractly and filled from numpy: eager initialisation would compile one small
+    program per parameter shape.
+    """
+    model = nnx.eval_shape(lambda: UNet(config, rngs=nnx.Rngs(0)))
+    _randomise(model)
+    return model
+
+
 def _randomise(model):
-    """Replaces every parameter (zero-inits too) by noise so every layer shows in the output."""
+    # numpy, not jax.random: one eager jax.random call per shape would compile ~100 programs.
+    rng = np.random.default_rng(1)
     state = nnx.state(model, nnx.Param)
     leaves, tree = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    leaves = [0.2 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+    leaves = [jnp.asarray(0.2 * rng.standard_normal(x.shape), x.dtype) for x in leaves]
     nnx.update(model, jax.tree.unflatten(tree, leaves))
 
 
@@ -73,10 +84,8 @@ def inputs():
 
 
 def _forward(config, inputs, params=None):
-    model = UNet(config, rngs=nnx.Rngs(0))
-    if params is None:
-        _randomise(model)
-    else:
+    model = _random_model(config)
+    if params is not None:
         nnx.update(model, params)
     graphdef, state = nnx.split(model)
 
@@ -106,8 +115,7 @@ def test_remat_changes_neither_outputs_nor_gradients(inputs):
     x, t, y = inputs
     grads = {}
     for remat in (False, True):
-        model = UNet(dataclasses.replace(TINY, remat=remat), rngs=nnx.Rngs(0))
-        _randomise(model)
+        model = _random_model(dataclasses.replace(TINY, remat=remat))
         graphdef, state = nnx.split(model)
 
         def loss(state):
@@ -125,11 +133,9 @@ def test_variance_head_does_not_train_the_trunk(inputs):
     (by default, as in the reference) the time MLP receive the VLB gradient."""
     x, t, y = inputs
     for to_time_mlp in (True, False):
-        model = UNet(dataclasses.replace(TINY, variance_grad_to_time_mlp=to_time_mlp),
-                     rngs=nnx.Rngs(0))
-        _randomise(model)
+        model = _random_model(dataclasses.replace(TINY, variance_grad_to_time_mlp=to_time_mlp))
         graphdef, state = nnx.split(model)
-        grads = jax.grad(lambda s: jnp.sum(nnx.merge(graphdef, s)(x, t, y)[1]))(state)
+        grads = jax.jit(jax.grad(lambda s: jnp.sum(nnx.merge(graphdef, s)(x, t, y)[1])))(state)
         flat = {"/".join(map(str, k)): v for k, v in nnx.to_flat_state(grads)}
         nonzero = {k for k, g in flat.items() if float(jnp.abs(g[...]).max()) > 0}
         expected = {k for k in flat if k.startswith("var_")}
@@ -140,6 +146,6 @@ def test_variance_head_does_not_train_the_trunk(inputs):
 
 def test_labels_required_iff_class_conditional(inputs):
     x, t, _ = inputs
-    model = UNet(TINY, rngs=nnx.Rngs(0))
+    model = _random_model(TINY)
     with pytest.raises(ValueError, match="Labels must be given iff num_classes > 0"):
         model(x, t, None)

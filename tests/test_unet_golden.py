@@ -23,7 +23,8 @@ def golden(golden_dir):
 @pytest.fixture(scope="module")
 def imported_output(golden):
     data, config, state_dict = golden
-    model = UNet(config, rngs=nnx.Rngs(0))
+    # Abstract construction: the importer fills every parameter, nothing is initialised eagerly.
+    model = nnx.eval_shape(lambda: UNet(config, rngs=nnx.Rngs(0)))
     load_torch_state_dict(model, state_dict)
     mean, v = model(jnp.asarray(data["input_x_nhwc"]), jnp.asarray(data["input_t"]),
                     jnp.asarray(data["input_y"]))
@@ -60,7 +61,7 @@ def test_variance_head_matches_reference(golden, imported_output):
 
 def test_importer_rejects_wrong_shapes_and_missing_keys(golden):
     _, config, state_dict = golden
-    model = UNet(config, rngs=nnx.Rngs(0))
+    model = nnx.eval_shape(lambda: UNet(config, rngs=nnx.Rngs(0)))
     bad = dict(state_dict)
     bad["out.2.weight"] = bad["out.2.weight"][:, :16]
     with pytest.raises(ValueError, match="Shape mismatch for PyTorch key 'out.2.weight'"):
