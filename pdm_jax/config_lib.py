@@ -123,3 +123,32 @@ def architecture_fingerprint(config: ml_collections.ConfigDict) -> str:
                 "optim_state": {"grad_clip": bool(config.optim.grad_clip)}}
     blob = json.dumps(relevant, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def shrink_for_cpu(c: ml_collections.ConfigDict) -> None:
+    """The ``smoke`` variant of a recipe: same structure, CPU-sized (16x16, tiny widths).
+
+    Keeps the recipe's dataset, schedule, parameterisation and conditioning; shrinks the image,
+    the U-Net, the batch and the step counts so a few train steps run in seconds.
+    """
+    c.data.image_size = c.model.image_size = 16
+    c.data.shuffle_buffer = 64
+    c.model.patch_size = min(c.model.patch_size, 2)
+    c.model.model_channels = 32
+    c.model.channel_mult = (1, 2)
+    c.model.num_res_blocks = 1
+    c.model.attention_resolutions = (4,)
+    c.model.num_head_channels = 32
+    c.model.dtype = "float32"
+    c.model.remat = False
+    c.optim.warmup_steps = 2
+    c.train.num_steps = 4
+    c.train.batch_size = 8
+    c.train.log_every = 2
+    c.train.sample_every = 0
+    c.train.grid_size = 8
+    c.train.grid_steps = "5"
+    c.ckpt.every = 2
+    c.sample.num_samples = 8
+    c.sample.batch_size = 8
+    c.sample.steps = "5"
