@@ -8,12 +8,14 @@ values with a clear message before any compile or data loading starts.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from typing import Any
 
 import ml_collections
 
+from pdm_jax import experts as experts_lib
 from pdm_jax.diffusion import losses, samplers, schedules
 from pdm_jax.models.unet import UNetConfig
 
@@ -61,10 +63,13 @@ def base_config() -> ml_collections.ConfigDict:
                    num_groups=32, norm_eps=1e-5, out_norm_eps=1e-3, dtype="float32",
                    remat=False, variance_grad_to_time_mlp=True)
     c.diffusion = dict(schedule="linear", num_timesteps=1000, parameterization="x0",
-                       weighting="sqrt_snr", snr_interval=(0.0, float("inf")))
+                       weighting="sqrt_snr")
+    # Timestep-split ensemble (SPEC 6): a list of dict(snr_interval=(lo, hi), model={overrides},
+    # optim={overrides}, warm_start=dict(workdir=..., expert=K)). Empty: one model, whole chain.
+    c.experts = []
     c.optim = dict(lr=1e-4, warmup_steps=5_000, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0,
                    grad_clip=0.0)
-    c.train = dict(num_steps=100_000, batch_size=256, log_every=100, sample_every=5_000,
+    c.train = dict(expert=-1, num_steps=100_000, batch_size=256, log_every=100, sample_every=5_000,
                    ema_decay=0.9999, label_dropout=0.1, grid_size=16, grid_steps="50")
     c.sample = dict(num_samples=64, batch_size=64, steps="250", sampler="ddpm", eta=0.0,
                     guidance_scale=1.5, name="", seed=0)
@@ -84,8 +89,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     Runs in milliseconds, before any data loading or compilation.
     """
+    for expert in experts_lib.experts_from_config(config):
+        expert.model.validate()
     model = unet_config(config)
-    model.validate()
     if model.image_size != config.data.image_size:
         raise ValueError(f"model.image_size={model.image_size} differs from "
                          f"data.image_size={config.data.image_size}.")
@@ -113,14 +119,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          f"{config.train.label_dropout}.")
 
 
-def architecture_fingerprint(config: ml_collections.ConfigDict) -> str:
-    """Hash of what a checkpoint's arrays depend on: model and optimiser structure.
+def architecture_fingerprint(model: UNetConfig, optim: ml_collections.ConfigDict) -> str:
+    """Hash of what one expert's checkpoint arrays depend on: model and optimiser structure.
 
     Schedules, step counts, logging and sampling settings may change across a resume; the model
     architecture and the optimiser's state layout may not.
     """
-    relevant = {"model": config.model.to_dict(),
-                "optim_state": {"grad_clip": bool(config.optim.grad_clip)}}
+    relevant = {"model": dataclasses.asdict(model),
+                "optim_state": {"grad_clip": bool(optim.grad_clip)}}
     blob = json.dumps(relevant, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

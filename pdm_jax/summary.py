@@ -11,7 +11,8 @@ import tensorflow as tf
 from flax import nnx
 
 from pdm_jax import config_lib
-from pdm_jax.diffusion.schedules import Schedule, steps_in_snr_interval
+from pdm_jax.diffusion.schedules import Schedule
+from pdm_jax.experts import experts_from_config, sampling_steps_per_expert
 from pdm_jax.models.flops import count_macs
 from pdm_jax.models.unet import abstract_model
 
@@ -24,26 +25,32 @@ def summarize(config: ml_collections.ConfigDict, workdir: str | None = None) -> 
       workdir: if given, ``summary.json`` is written there.
 
     Returns:
-      ``{"experts": [{"snr_interval", "patch_size", "params", "gmacs_per_forward",
-      "sampling_steps"}]}``.
+      ``{"experts": [{"snr_interval", "patch_size", "image_size", "params",
+      "gmacs_per_forward", "sampling_steps", "warm_start"}], "sample_steps"}``; sampling_steps
+      counts the steps of ``sample.steps`` each expert runs.
     """
     config_lib.validate(config)
-    unet = config_lib.unet_config(config)
-    graphdef, state = abstract_model(unet)
-    params = sum(int(x.size) for x in jax.tree.leaves(state))
-    x = jax.ShapeDtypeStruct((1, unet.image_size, unet.image_size, unet.in_channels),
-                             jnp.float32)
-    t = jax.ShapeDtypeStruct((1,), jnp.int32)
-    y = jax.ShapeDtypeStruct((1,), jnp.int32) if unet.num_classes else None
-    macs = count_macs(lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y), state, x, t, y)
+    experts = experts_from_config(config)
     d = config.diffusion
     respaced = Schedule.from_name(d.schedule, d.num_timesteps).respace(config.sample.steps)
-    lo, hi = d.snr_interval
-    expert = {"snr_interval": [float(lo), float(hi)], "patch_size": unet.patch_size,
-              "image_size": unet.image_size, "params": params,
-              "gmacs_per_forward": round(macs / 1e9, 3),
-              "sampling_steps": int(len(steps_in_snr_interval(respaced, lo, hi)))}
-    summary = {"experts": [expert], "sample_steps": config.sample.steps}
+    steps = sampling_steps_per_expert(experts, respaced)
+    rows = []
+    for expert, num_steps in zip(experts, steps):
+        unet = expert.model
+        graphdef, state = abstract_model(unet)
+        x = jax.ShapeDtypeStruct((1, unet.image_size, unet.image_size, unet.in_channels),
+                                 jnp.float32)
+        t = jax.ShapeDtypeStruct((1,), jnp.int32)
+        y = jax.ShapeDtypeStruct((1,), jnp.int32) if unet.num_classes else None
+        macs = count_macs(lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y), state, x, t, y)
+        lo, hi = expert.snr_interval
+        rows.append({"snr_interval": [lo, hi], "patch_size": unet.patch_size,
+                     "image_size": unet.image_size,
+                     "params": sum(int(a.size) for a in jax.tree.leaves(state)),
+                     "gmacs_per_forward": round(macs / 1e9, 3), "sampling_steps": num_steps,
+                     "warm_start": (f"{expert.warm_start_workdir}:{expert.warm_start_expert}"
+                                    if expert.warm_start_workdir else None)})
+    summary = {"experts": rows, "sample_steps": config.sample.steps}
     if workdir and jax.process_index() == 0:
         tf.io.gfile.makedirs(workdir)
         with tf.io.gfile.GFile(f"{workdir}/summary.json", "w") as f:

@@ -1,4 +1,10 @@
-"""Training job: one linear function from config to checkpoints (big_vision style)."""
+"""Training job: one linear function from config to checkpoints (big_vision style).
+
+Trains one expert of the ensemble (``train.expert=K``) or all of them at once (``-1``, the
+default; a single-model config is one expert). Training all experts sums their losses: every
+expert sees the same images, each with timesteps drawn inside its own SNR interval, and keeps
+its own optimiser, EMA and checkpoint sub-directory ``checkpoints/<expert.name>``.
+"""
 
 from __future__ import annotations
 
@@ -18,33 +24,28 @@ from jax.experimental import multihost_utils
 from pdm_jax import checkpointing, config_lib, metrics, sample, sharding, train_state
 from pdm_jax.data import pipeline
 from pdm_jax.diffusion.losses import q_sample, training_losses
-from pdm_jax.diffusion.schedules import Schedule, sample_timesteps, timestep_range_for_snr_interval
+from pdm_jax.diffusion.schedules import Schedule, sample_timesteps
+from pdm_jax.experts import Expert, experts_from_config, training_timestep_range
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss or gradient became NaN/Inf; the state was not updated nor checkpointed."""
 
 
-def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
-                    tx: optax.GradientTransformation, schedule: Schedule,
-                    t_range: tuple[int, int]):
-    """The pure train step ``(state, batch) -> (state, metrics)``.
+def make_train_step(config: ml_collections.ConfigDict, experts: list[Expert],
+                    graphdefs: list[nnx.GraphDef], txs: list[optax.GradientTransformation],
+                    schedule: Schedule):
+    """The pure train step ``(state, batch) -> (state, metrics)`` over the trained experts.
 
-    A step whose loss or gradient norm is non-finite leaves the state unchanged (params,
-    optimiser, EMA and step) and reports ``nonfinite=1``, so the host can stop without a corrupt
-    state ever existing, let alone being checkpointed.
+    ``state`` maps expert names to per-expert states. A step whose loss or gradient norm is
+    non-finite for any expert leaves every state unchanged and reports ``nonfinite=1``, so the
+    host stops without a corrupt state ever existing, let alone being checkpointed.
     """
-    unet = config_lib.unet_config(config)
     d, t_cfg = config.diffusion, config.train
+    t_ranges = [training_timestep_range(e, schedule) for e in experts]
 
-    def loss_fn(params, x0, x_t, noise, t, y, dropout_rng):
-        mean_out, var_out = nnx.merge(graphdef, params)(x_t, t, y, dropout_rng=dropout_rng)
-        terms = training_losses(schedule, mean_out, var_out, x0, noise, t,
-                                parameterization=d.parameterization, weighting=d.weighting,
-                                learn_sigma=unet.learn_sigma)
-        return jnp.mean(terms["loss"]), {k: jnp.mean(v) for k, v in terms.items()}
-
-    def train_step(state, batch):
+    def expert_update(expert, graphdef, tx, t_range, state, batch):
+        unet = expert.model
         rng = jax.random.fold_in(state["rng"], state["step"])
         t_rng, noise_rng, label_rng, dropout_rng = jax.random.split(rng, 4)
         x0 = batch["image"]
@@ -56,41 +57,92 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
             # Label dropout trains the null label used by classifier-free guidance (SPEC 5, 8).
             drop = jax.random.bernoulli(label_rng, t_cfg.label_dropout, t.shape)
             y = jnp.where(drop, unet.num_classes, batch["label"])
-        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], x0, x_t, noise, t, y, dropout_rng if unet.dropout > 0 else None)
+
+        def loss_fn(params):
+            mean_out, var_out = nnx.merge(graphdef, params)(
+                x_t, t, y, dropout_rng=dropout_rng if unet.dropout > 0 else None)
+            terms = training_losses(schedule, mean_out, var_out, x0, noise, t,
+                                    parameterization=d.parameterization, weighting=d.weighting,
+                                    learn_sigma=unet.learn_sigma)
+            return jnp.mean(terms["loss"]), {k: jnp.mean(v) for k, v in terms.items()}
+
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         decay = t_cfg.ema_decay
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params)
         grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new_state = {"params": params, "opt_state": opt_state, "ema": ema,
                      "step": state["step"] + 1, "rng": state["rng"]}
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
         step_metrics = {**terms, "grad_norm": grad_norm,
-                        "lr": train_state.learning_rate_schedule(config.optim)(state["step"]),
-                        "nonfinite": 1.0 - finite.astype(jnp.float32)}
+                        "lr": train_state.learning_rate_schedule(expert.optim)(state["step"])}
+        return new_state, step_metrics, jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def train_step(state, batch):
+        new_state, step_metrics, finite = {}, {}, jnp.bool_(True)
+        for expert, graphdef, tx, t_range in zip(experts, graphdefs, txs, t_ranges):
+            new_state[expert.name], m, ok = expert_update(
+                expert, graphdef, tx, t_range, state[expert.name], batch)
+            prefix = f"{expert.name}/" if len(experts) > 1 else ""
+            step_metrics.update({prefix + k: v for k, v in m.items()})
+            finite &= ok
+        if len(experts) > 1:
+            step_metrics["loss"] = sum(step_metrics[f"{e.name}/loss"] for e in experts)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        step_metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
         return new_state, step_metrics
 
     return train_step
+
+
+def _select_experts(config: ml_collections.ConfigDict) -> tuple[list[Expert], list[Expert]]:
+    experts = experts_from_config(config)
+    which = config.train.expert
+    if which >= len(experts) or which < -1:
+        raise ValueError(f"train.expert={which} is out of range: this config has "
+                         f"{len(experts)} expert(s) (-1 trains all).")
+    return experts, (experts if which < 0 else [experts[which]])
+
+
+def _warm_start(expert: Expert, state: dict, abstract: dict, mesh) -> dict:
+    """Initialises params and EMA from another run's expert EMA (fresh optimiser state)."""
+    source = sample.load_expert_ema(expert.warm_start_workdir, expert.warm_start_expert, mesh)
+    shapes = jax.tree.map(lambda a: a.shape, source)
+    if shapes != jax.tree.map(lambda a: a.shape, abstract["params"]):
+        raise ValueError(f"Warm start of {expert.describe()} from expert "
+                         f"{expert.warm_start_expert} of {expert.warm_start_workdir}: the "
+                         f"architectures differ.")
+    params = jax.tree.map(lambda s, a: jax.device_put(s, a.sharding), source, abstract["params"])
+    logging.info("Warm-started %s from expert %d of %s", expert.describe(),
+                 expert.warm_start_expert, expert.warm_start_workdir)
+    return {**state, "params": params, "ema": jax.tree.map(jnp.copy, params)}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (or resumes) the run in ``workdir`` up to ``train.num_steps``.
 
     Returns:
-      The state after the last step.
+      The per-expert states after the last step, keyed by expert name.
 
     Raises:
       NonFiniteLossError: the loss became NaN/Inf (no checkpoint of that state is written).
     """
     #### Validate before any compile or data loading ####
     config_lib.validate(config)
-    unet = config_lib.unet_config(config)
+    experts, trained = _select_experts(config)
     t_cfg = config.train
     if t_cfg.batch_size % jax.process_count():
         raise ValueError(f"train.batch_size={t_cfg.batch_size} is not divisible by the "
                          f"{jax.process_count()} processes.")
+    num_classes = experts[0].model.num_classes
+    if config.data.class_conditional:
+        # Labels index the class embedding [0, num_classes); label num_classes is the null label
+        # of guidance and larger ones embed as NaN, which would surface as a "non-finite loss".
+        data_classes = pipeline.num_classes(config.data)
+        if data_classes > num_classes:
+            raise ValueError(f"data {config.data.name!r} has {data_classes} classes but "
+                             f"model.num_classes={num_classes}; set model.num_classes >= "
+                             f"{data_classes}.")
     tf.io.gfile.makedirs(workdir)
     if jax.process_index() == 0:
         with tf.io.gfile.GFile(f"{workdir}/config.json", "w") as f:
@@ -103,30 +155,40 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          f"{mesh.size} devices of mesh {dict(mesh.shape)}.")
     logging.info("Mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size,
                  jax.process_count())
+    schedule = Schedule.from_name(config.diffusion.schedule, config.diffusion.num_timesteps)
 
-    #### Diffusion ####
-    d = config.diffusion
-    schedule = Schedule.from_name(d.schedule, d.num_timesteps)
-    t_range = timestep_range_for_snr_interval(schedule, *d.snr_interval)
-    logging.info("Training on t in [%d, %d] (SNR interval %s)", *t_range, tuple(d.snr_interval))
-
-    #### Train state: restore or create, already sharded ####
-    tx = train_state.make_optimizer(config.optim)
-    abstract, shardings = train_state.state_shardings(unet, tx, mesh, config.seed)
-    ckpt = checkpointing.Checkpointer(
-        f"{workdir}/checkpoints", max_to_keep=config.ckpt.keep,
-        save_interval_steps=config.ckpt.every, async_save=config.ckpt.async_save,
-        config_fingerprint=config_lib.architecture_fingerprint(config),
-        config_json=config.to_json_best_effort(sort_keys=True))
-    if ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(abstract)
-        logging.info("Resumed from step %d (%s)", int(state["step"]), meta.get("data_position"))
-    else:
-        state = train_state.create_state(unet, tx, mesh, config.seed)
-    start_step = int(state["step"])
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"]))
-    logging.info("U-Net: %.2f M parameters, patch %d, image %d", num_params / 1e6,
-                 unet.patch_size, unet.image_size)
+    #### Train state per expert: restore, warm-start or create, already sharded ####
+    txs, graphdefs, ckpts, state, shardings = [], [], {}, {}, {}
+    for expert in trained:
+        tx = train_state.make_optimizer(expert.optim)
+        abstract, shardings[expert.name] = train_state.state_shardings(
+            expert.model, tx, mesh, config.seed + expert.index)
+        ckpt = checkpointing.Checkpointer(
+            f"{workdir}/checkpoints/{expert.name}", max_to_keep=config.ckpt.keep,
+            save_interval_steps=config.ckpt.every, async_save=config.ckpt.async_save,
+            config_fingerprint=config_lib.architecture_fingerprint(expert.model, expert.optim),
+            config_json=config.to_json_best_effort(sort_keys=True))
+        if ckpt.latest_step() is not None:
+            state[expert.name], meta = ckpt.restore(abstract)
+            logging.info("%s: resumed from step %d (%s)", expert.describe(),
+                         int(state[expert.name]["step"]), meta.get("data_position"))
+        else:
+            state[expert.name] = train_state.create_state(expert.model, tx, mesh,
+                                                          config.seed + expert.index)
+            if expert.warm_start_workdir:
+                state[expert.name] = _warm_start(expert, state[expert.name], abstract, mesh)
+        params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"]))
+        t_first, t_last = training_timestep_range(expert, schedule)
+        logging.info("%s: %.2f M parameters, trains t in [%d, %d]", expert.describe(),
+                     params / 1e6, t_first, t_last)
+        txs.append(tx)
+        graphdefs.append(train_state.model_graphdef(expert.model))
+        ckpts[expert.name] = ckpt
+    steps = {name: int(s["step"]) for name, s in state.items()}
+    if len(set(steps.values())) > 1:
+        raise ValueError(f"The trained experts are at different steps {steps}; train them "
+                         f"separately with --config.train.expert=K.")
+    start_step = next(iter(steps.values()))
 
     #### Input pipeline ####
     local_batch = t_cfg.batch_size // jax.process_count()
@@ -137,23 +199,26 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     batches = pipeline.iterate_numpy(dataset)
 
     #### Compile ####
-    graphdef = train_state.model_graphdef(unet)
-    step_fn = jax.jit(make_train_step(config, graphdef, tx, schedule, t_range),
+    step_fn = jax.jit(make_train_step(config, trained, graphdefs, txs, schedule),
                       in_shardings=(shardings, sharding.batch_sharding(mesh)),
                       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
     grid_fn = None
-    if t_cfg.sample_every > 0:
+    if t_cfg.sample_every > 0 and len(trained) == len(experts):
         grid_size = t_cfg.grid_size + (-t_cfg.grid_size) % mesh.size
         grid_fn = functools.partial(sample.make_sample_fn(
             config, mesh, steps=t_cfg.grid_steps, sampler="ddpm", eta=0.0,
             guidance_scale=config.sample.guidance_scale, batch_size=grid_size),
-            labels=jnp.asarray(sample.balanced_labels(0, grid_size, unet.num_classes)))
+            labels=jnp.asarray(sample.balanced_labels(0, grid_size, num_classes)))
+    elif t_cfg.sample_every > 0:
+        logging.info("No sample grids: training %d of %d experts.", len(trained), len(experts))
 
     #### Train loop ####
     writer = metrics.create_writer(workdir, config.log.tensorboard)
     progress = metrics.Progress(t_cfg.num_steps, t_cfg.batch_size, start_step)
     pending: list[dict] = []
-    ckpt.install_sigterm_handler()
+    # One handler for the run: SIGTERM (and multi-host preemption) stops every expert together.
+    first_ckpt = next(iter(ckpts.values()))
+    first_ckpt.install_sigterm_handler()
 
     def drain_metrics(step: int) -> dict[str, float]:
         """Fetches the queued per-step metrics; raises on any non-finite step."""
@@ -163,16 +228,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if m["nonfinite"] > 0:
                 bad_step = step - len(fetched) + offset
                 raise NonFiniteLossError(
-                    f"Non-finite loss or gradient at step {bad_step} (loss={m['loss']}, "
-                    f"grad_norm={m['grad_norm']}); the state was kept at step {bad_step} and "
-                    f"not checkpointed. Lower optim.lr or enable optim.grad_clip.")
+                    f"Non-finite loss or gradient at step {bad_step} (loss={m['loss']}); the "
+                    f"state was kept at step {bad_step} and not checkpointed. Lower optim.lr "
+                    f"or enable optim.grad_clip.")
         return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]} if fetched else {}
 
     def save(step: int, force: bool = False) -> None:
-        if force or ckpt.should_save(step):
+        if force or first_ckpt.should_save(step):
             drain_metrics(step)  # never checkpoint a state that followed a non-finite step
-            ckpt.save(step, state, {"data_position": {
-                "examples_consumed_per_process": step * local_batch}}, force=force)
+            for name, ckpt in ckpts.items():
+                ckpt.save(step, state[name], {"data_position": {
+                    "examples_consumed_per_process": step * local_batch}}, force=force)
 
     step = start_step
     try:
@@ -183,35 +249,36 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             pending.append(step_metrics)
             if step % t_cfg.log_every == 0 or step == t_cfg.num_steps:
                 scalars = {k: v for k, v in drain_metrics(step).items() if k != "nonfinite"}
-                line, rates = progress.line(step, scalars)
+                # The line keeps totals and per-expert losses; the writer gets every scalar.
+                shown = {k: v for k, v in scalars.items() if "/" not in k or k.endswith("/loss")}
+                line, rates = progress.line(step, shown)
                 logging.info("%s", line)
                 writer.write_scalars(step, {**scalars, **rates})
             if grid_fn is not None and (step % t_cfg.sample_every == 0 or step == t_cfg.num_steps):
-                write_grid(grid_fn, state["ema"], step, workdir, writer)
+                write_grid(grid_fn, [state[e.name]["ema"] for e in experts], step, workdir,
+                           writer)
             save(step)
-            if ckpt.should_stop(step):
+            if first_ckpt.should_stop(step):
                 logging.warning("Stop requested (SIGTERM/preemption) at step %d: saving.", step)
                 save(step, force=True)
                 break
         if step == t_cfg.num_steps:
             save(step, force=True)
     finally:
-        ckpt.close()  # waits for pending async saves
+        for ckpt in ckpts.values():
+            ckpt.close()  # waits for pending async saves
         writer.flush()
     return state
 
 
-def write_grid(grid_fn, ema, step: int, workdir: str, writer) -> None:
+def write_grid(grid_fn, emas: list, step: int, workdir: str, writer) -> None:
     """Samples a grid with the EMA weights and writes it as PNG and to TensorBoard."""
     start = time.perf_counter()
     images = metrics.to_uint8(multihost_utils.process_allgather(
-        grid_fn(ema, jax.random.PRNGKey(step)), tiled=True))
+        grid_fn(emas, jax.random.PRNGKey(step)), tiled=True))
     grid = metrics.image_grid(images)
     if jax.process_index() == 0:
         tf.io.gfile.makedirs(f"{workdir}/samples")
         metrics.save_png(f"{workdir}/samples/grid_step{step:08d}.png", grid)
     writer.write_images(step, {"samples": grid[None]})
     logging.info("Sample grid at step %d took %.1fs", step, time.perf_counter() - start)
-
-
-__all__ = ["train", "make_train_step", "NonFiniteLossError"]
