@@ -33,9 +33,9 @@ class Expert:
       snr_interval: (lo, hi]: the expert owns the steps with lo < SNR <= hi.
       model: its U-Net.
       optim: the run's optim section with this expert's overrides applied.
-      warm_start_workdir: a workdir whose expert ``warm_start_expert`` EMA weights initialise this
-        expert when it has no checkpoint yet ('' for none).
-      warm_start_expert: index of the source expert in that workdir's config.
+      warm_start_workdir: the workdir whose expert ``warm_start_expert`` EMA weights initialise
+        this expert when it has no checkpoint yet ('' = this run's own workdir).
+      warm_start_expert: index of the source expert in that workdir's config (-1: no warm start).
     """
 
     index: int

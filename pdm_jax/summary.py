@@ -48,8 +48,9 @@ def summarize(config: ml_collections.ConfigDict, workdir: str | None = None) -> 
                      "image_size": unet.image_size,
                      "params": sum(int(a.size) for a in jax.tree.leaves(state)),
                      "gmacs_per_forward": round(macs / 1e9, 3), "sampling_steps": num_steps,
-                     "warm_start": (f"{expert.warm_start_workdir}:{expert.warm_start_expert}"
-                                    if expert.warm_start_workdir else None)})
+                     "warm_start": ({"workdir": expert.warm_start_workdir,
+                                     "expert": expert.warm_start_expert}
+                                    if expert.warm_start_expert >= 0 else None)})
     summary = {"experts": rows, "sample_steps": config.sample.steps}
     if workdir and jax.process_index() == 0:
         tf.io.gfile.makedirs(workdir)

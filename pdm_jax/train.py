@@ -104,17 +104,22 @@ def _select_experts(config: ml_collections.ConfigDict) -> tuple[list[Expert], li
     return experts, (experts if which < 0 else [experts[which]])
 
 
-def _warm_start(expert: Expert, state: dict, abstract: dict, mesh) -> dict:
-    """Initialises params and EMA from another run's expert EMA (fresh optimiser state)."""
-    source = sample.load_expert_ema(expert.warm_start_workdir, expert.warm_start_expert, mesh)
+def _warm_start(expert: Expert, state: dict, abstract: dict, mesh, workdir: str) -> dict:
+    """Initialises params and EMA from another expert's EMA weights (fresh optimiser state).
+
+    The source is expert ``warm_start_expert`` of ``warm_start_workdir`` (this run's workdir
+    when empty), exactly as it was last checkpointed.
+    """
+    source_workdir = expert.warm_start_workdir or workdir
+    source = sample.load_expert_ema(source_workdir, expert.warm_start_expert, mesh)
     shapes = jax.tree.map(lambda a: a.shape, source)
     if shapes != jax.tree.map(lambda a: a.shape, abstract["params"]):
         raise ValueError(f"Warm start of {expert.describe()} from expert "
-                         f"{expert.warm_start_expert} of {expert.warm_start_workdir}: the "
-                         f"architectures differ.")
+                         f"{expert.warm_start_expert} of {source_workdir}: the architectures "
+                         f"differ.")
     params = jax.tree.map(lambda s, a: jax.device_put(s, a.sharding), source, abstract["params"])
     logging.info("Warm-started %s from expert %d of %s", expert.describe(),
-                 expert.warm_start_expert, expert.warm_start_workdir)
+                 expert.warm_start_expert, source_workdir)
     return {**state, "params": params, "ema": jax.tree.map(jnp.copy, params)}
 
 
@@ -175,8 +180,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         else:
             state[expert.name] = train_state.create_state(expert.model, tx, mesh,
                                                           config.seed + expert.index)
-            if expert.warm_start_workdir:
-                state[expert.name] = _warm_start(expert, state[expert.name], abstract, mesh)
+            if expert.warm_start_expert >= 0:
+                state[expert.name] = _warm_start(expert, state[expert.name], abstract, mesh,
+                                                 workdir)
         params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"]))
         t_first, t_last = training_timestep_range(expert, schedule)
         logging.info("%s: %.2f M parameters, trains t in [%d, %d]", expert.describe(),
