@@ -71,7 +71,7 @@ def make_train_step(config: ml_collections.ConfigDict, experts: list[Expert],
         params = optax.apply_updates(state["params"], updates)
         decay = t_cfg.ema_decay
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         new_state = {"params": params, "opt_state": opt_state, "ema": ema,
                      "step": state["step"] + 1, "rng": state["rng"]}
         step_metrics = {**terms, "grad_norm": grad_norm,
