@@ -22,7 +22,7 @@ from pdm_jax import config_lib
 
 
 def get_config(arg: str | None = None):
-    args = config_lib.parse_arg(arg, patch=4, experts=2, steps=1200, smoke=False)
+    args = config_lib.parse_arg(arg, patch=4, experts=2, steps=300, smoke=False)
     c = config_lib.base_config()
 
     c.data.name = "pdm_emoji_demo"
@@ -46,11 +46,11 @@ def get_config(arg: str | None = None):
     c.train.num_steps = args.steps
     c.train.batch_size = 32
     c.train.log_every = 50
-    c.train.sample_every = 600
-    c.train.ema_decay = 0.995
+    c.train.sample_every = 150
+    c.train.ema_decay = 0.99
     c.train.grid_size = 16
     c.train.grid_steps = "50"
-    c.ckpt.every = 300
+    c.ckpt.every = 150
     c.ckpt.keep = 2
     c.sample.num_samples = 64
     c.sample.batch_size = 64
@@ -77,7 +77,7 @@ def get_config(arg: str | None = None):
         c.model.num_head_channels = 32
         c.optim.lr = 1e-3
         c.optim.warmup_steps = 2
-        c.train.num_steps = 6 if args.steps == 1200 else args.steps
+        c.train.num_steps = 6 if args.steps == 300 else args.steps
         c.train.batch_size = 16
         c.train.log_every = 2
         c.train.sample_every = 0
