@@ -394,7 +394,7 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(tmp_path, folde
             assert time.monotonic() < deadline, "no progress line within 300 s"
             time.sleep(0.5)
         process.send_signal(signal.SIGTERM)
-        returncode = process.wait(timeout=120)
+        returncode = process.wait(timeout=240)
     finally:
         if process.poll() is None:
             process.kill()
