@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +29,8 @@ def summarize(config: ml_collections.ConfigDict, workdir: str | None = None) -> 
     Returns:
       ``{"experts": [{"snr_interval", "patch_size", "image_size", "params",
       "gmacs_per_forward", "sampling_steps", "warm_start"}], "sample_steps"}``; sampling_steps
-      counts the steps of ``sample.steps`` each expert runs.
+      counts the steps of ``sample.steps`` each expert runs. In ``summary.json`` an unbounded
+      SNR end is written as ``null`` (strict JSON has no Infinity).
     """
     config_lib.validate(config)
     experts = experts_from_config(config)
@@ -55,8 +58,19 @@ def summarize(config: ml_collections.ConfigDict, workdir: str | None = None) -> 
     if workdir and jax.process_index() == 0:
         tf.io.gfile.makedirs(workdir)
         with tf.io.gfile.GFile(f"{workdir}/summary.json", "w") as f:
-            json.dump(summary, f, indent=2)
+            json.dump(_strict_json(summary), f, indent=2, allow_nan=False)
     return summary
+
+
+def _strict_json(value: Any) -> Any:
+    """``value`` with every infinite float replaced by None, so it serialises as strict JSON."""
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    if isinstance(value, float) and math.isinf(value):
+        return None
+    return value
 
 
 def format_table(summary: dict) -> str:

@@ -5,7 +5,6 @@ Each test starts one subprocess (about 10 s of imports); none of them compiles a
 
 import importlib.util
 import json
-import math
 import os
 import pathlib
 import subprocess
@@ -46,10 +45,12 @@ def test_summary_prints_the_table_and_writes_summary_json(tmp_path):
     assert rows[0].split()[:5] == ["0", "(0.25,", "inf]", "2", "16"]
     assert rows[1].split()[:5] == ["1", "(0,", "0.25]", "4", "16"]
 
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    # Strict JSON: the open upper SNR bound is null, never the non-standard Infinity.
+    summary = json.loads((tmp_path / "summary.json").read_text(),
+                         parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
     assert summary["sample_steps"] == "5"
     high_snr, low_snr = summary["experts"]
-    assert high_snr["snr_interval"] == [0.25, math.inf] and low_snr["snr_interval"] == [0, 0.25]
+    assert high_snr["snr_interval"] == [0.25, None] and low_snr["snr_interval"] == [0, 0.25]
     assert [e["patch_size"] for e in summary["experts"]] == [2, 4]
     # Parameter counts agree with the train state's own abstract parameters.
     config = demo_config("smoke")
