@@ -13,6 +13,7 @@ import os
 import jax
 import ml_collections
 from absl import logging
+from jax.experimental import multihost_utils
 
 from pdm_jax import config_lib, export_format, sample, sharding
 from pdm_jax.experts import experts_from_config
@@ -44,8 +45,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, export_dir: str | None 
     for expert in experts_from_config(config):
         state, step = sample.load_expert_state(workdir, expert.index, mesh, config)
         kinds = {"ema": "ema", "raw": "params"} if config.export.include_raw else {"ema": "ema"}
-        # Gather to host (works for FSDP-sharded states on one process).
-        params.append({kind: jax.device_get(state[key]) for kind, key in kinds.items()})
+        # Every process gathers the full arrays (FSDP shards may live on other hosts).
+        params.append({kind: multihost_utils.process_allgather(state[key], tiled=True)
+                       for kind, key in kinds.items()})
         steps.append(step)
     if jax.process_index() == 0:
         export_format.write_export(

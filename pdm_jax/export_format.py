@@ -119,6 +119,8 @@ def write_export(out_dir: str, config: ml_collections.ConfigDict,
     try:
         entries, checksums = [], {}
         for expert, expert_params, step in zip(experts, params, steps):
+            if "ema" not in expert_params:
+                raise ValueError(f"No 'ema' parameters given for {expert.describe()}.")
             files = {}
             for kind in KINDS:
                 if kind not in expert_params:

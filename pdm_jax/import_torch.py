@@ -23,12 +23,21 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("checkpoint", None, "PyTorch .pt files, one per expert in config order.")
-config_flags.DEFINE_config_file("config", None, "Config file (configs/x.py[:arg]) describing "
-                                "the checkpoints' architecture.", lock_config=True)
-flags.DEFINE_string("out", None, "Export directory to write.")
-flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Export dtype (default export.dtype).")
-flags.mark_flags_as_required(["checkpoint", "config", "out"])
+
+
+def define_flags() -> None:
+    """Defines this command's absl flags; called only when it runs as a command, so that
+    importing the module never clashes with pdm_jax.main's flags (--config, --export_dir)."""
+    if "out" in FLAGS and "checkpoint" in FLAGS:
+        return
+    flags.DEFINE_list("checkpoint", None, "PyTorch .pt files, one per expert in config order.")
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/x.py[:arg]) describing "
+                                    "the checkpoints' architecture.", lock_config=True)
+    flags.DEFINE_string("out", None, "Export directory to write.")
+    flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
+                      "Export dtype (default: the config's export.dtype).")
+    flags.mark_flags_as_required(["checkpoint", "config", "out"])
+
 
 # Wrappers some training scripts put around the state_dict.
 _WRAPPER_KEYS = ("state_dict", "model", "ema")
@@ -118,4 +127,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -15,19 +15,26 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("export_dir", None, "Export directory (--mode=export or import_torch).")
-flags.DEFINE_integer("num", 16, "Number of images.")
-flags.DEFINE_string("out", "grid.png", "PNG grid of the images ('' for none).")
-flags.DEFINE_string("npz", "", "Optional .npz with arr_0 uint8 NHWC images, arr_1 labels.")
-flags.DEFINE_list("labels", None, "One class for all, or one per image (default balanced).")
-flags.DEFINE_string("steps", None, "Respacing, e.g. 250, 50, ddim25 (default: the export's).")
-flags.DEFINE_enum("sampler", None, ["ddpm", "ddim"], "Sampler (default: the export's).")
-flags.DEFINE_float("eta", None, "DDIM eta (default: the export's).")
-flags.DEFINE_float("guidance_scale", None, "Guidance w (default: the export's).")
-flags.DEFINE_integer("seed", None, "Seed (default: the export's sample.seed).")
-flags.DEFINE_integer("batch_size", None, "Images per call, a multiple of the device count.")
-flags.DEFINE_bool("raw", False, "Use the raw (non-EMA) parameters, if exported.")
-flags.mark_flags_as_required(["export_dir"])
+
+
+def define_flags() -> None:
+    """Defines this command's absl flags; called only when it runs as a command, so that
+    importing the module never clashes with pdm_jax.main's flags (--config, --export_dir)."""
+    if "out" in FLAGS and "export_dir" in FLAGS:
+        return
+    flags.DEFINE_string("export_dir", None, "Export directory (--mode=export or import_torch).")
+    flags.DEFINE_integer("num", 16, "Number of images.")
+    flags.DEFINE_string("out", "grid.png", "PNG grid of the images ('' for none).")
+    flags.DEFINE_string("npz", "", "Optional .npz with arr_0 uint8 NHWC images, arr_1 labels.")
+    flags.DEFINE_list("labels", None, "One class for all, or one per image (default balanced).")
+    flags.DEFINE_string("steps", None, "Respacing: 250, 50, ddim25 (default: the export's).")
+    flags.DEFINE_enum("sampler", None, ["ddpm", "ddim"], "Sampler (default: the export's).")
+    flags.DEFINE_float("eta", None, "DDIM eta (default: the export's).")
+    flags.DEFINE_float("guidance_scale", None, "Guidance w (default: the export's).")
+    flags.DEFINE_integer("seed", None, "Seed (default: the export's sample.seed).")
+    flags.DEFINE_integer("batch_size", None, "Images per call, a multiple of the device count.")
+    flags.DEFINE_bool("raw", False, "Use the raw (non-EMA) parameters, if exported.")
+    flags.mark_flags_as_required(["export_dir"])
 
 
 def run(pipeline, *, num: int, out: str, npz: str, labels, steps: str, sampler: str, eta: float,
@@ -78,4 +85,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
