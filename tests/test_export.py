@@ -28,6 +28,8 @@ from PIL import Image
 from pdm_jax import export, export_format, sample, train
 from pdm_jax.inference import Pipeline
 
+pytestmark = pytest.mark.slow  # the module fixture trains (one train-step compile)
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EXPERTS = ("snr_0.25_inf", "snr_0_0.25")  # the smoke ensemble's expert names
 NUM, BATCH = 20, 16  # two sampler calls, the second cut to 4 images
