@@ -76,6 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.ckpt = dict(every=5_000, keep=3, async_save=True)
     c.log = dict(tensorboard=True)
     c.mesh = dict(shape=(-1, 1))
+    # --mode=export: tensor dtype ('float32' or 'bfloat16') and whether the raw (non-EMA)
+    # parameters are written next to the EMA ones.
+    c.export = dict(dtype="float32", include_raw=False)
     return c
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 from clu import metric_writers
-from PIL import Image
+
+from pdm_jax.images import image_grid, png_bytes, to_uint8  # noqa: F401 (re-exported)
 
 
 class JsonlWriter(metric_writers.interface.MetricWriter):
@@ -98,31 +99,8 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[-1, 1] floats -> uint8 with round-to-nearest (ADM's convention)."""
-    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(
-        np.uint8)
-
-
-def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
-    """Tiles uint8 NHWC images into one (rows*H, cols*W, C) image with white padding."""
-    n, h, w, c = images.shape
-    columns = columns or int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / columns))
-    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, np.uint8)
-    for i, image in enumerate(images):
-        r, col = divmod(i, columns)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h,
-             pad + col * (w + pad):pad + col * (w + pad) + w] = image
-    return grid
-
-
 def save_png(path: str, image: np.ndarray, min_size: int = 256) -> None:
     """Writes a uint8 HWC image as PNG (local or gs://), upscaled (nearest) to >= min_size px."""
-    scale = max(1, min_size // max(image.shape[:2]))
-    pil = Image.fromarray(image)
-    if scale > 1:
-        pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
     with tf.io.gfile.GFile(path, "wb") as f:
-        pil.save(f, format="PNG")
+        f.write(png_bytes(image, min_size))
     logging.info("Wrote %s", path)

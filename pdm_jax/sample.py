@@ -1,78 +1,23 @@
-"""Sampling job: EMA weights -> jitted, sharded sampler -> .npz (ADM layout) + PNG grid."""
+"""Sampling job: EMA weights -> jitted, sharded sampler (sample_lib) -> .npz (ADM layout) + PNG."""
 
 from __future__ import annotations
 
 import io
 import json
-from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow as tf
 from absl import logging
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from pdm_jax import checkpointing, config_lib, metrics, sharding, train_state
-from pdm_jax.diffusion import samplers
-from pdm_jax.diffusion.schedules import Schedule
-from pdm_jax.experts import dispatching_model_fn, experts_from_config
-
-SampleFn = Callable[[list, jax.Array, jax.Array], jax.Array]
-
-
-def make_sample_fn(config: ml_collections.ConfigDict, mesh: Mesh, *, steps: str, sampler: str,
-                   eta: float, guidance_scale: float, batch_size: int) -> SampleFn:
-    """A jitted ``fn(expert_params, rng, labels) -> images in [-1, 1]``, batch-sharded.
-
-    The whole reverse chain runs as one lax.scan inside one jit (SPEC 5); each step runs the
-    expert owning its SNR (lax.switch), with guidance applied to every expert.
-
-    Args:
-      config: run config (experts, model and diffusion sections are read).
-      mesh: device mesh; the batch is sharded over ('data', 'fsdp').
-      steps: respacing string, e.g. "250", "ddim50".
-      sampler: 'ddpm' or 'ddim'.
-      eta: DDIM eta.
-      guidance_scale: classifier-free guidance w (1 = unguided).
-      batch_size: global number of images per call (divisible by the device count).
-
-    Returns:
-      The sampling function; ``expert_params`` lists each expert's parameters in config order.
-    """
-    experts = experts_from_config(config)
-    graphdefs = [train_state.model_graphdef(e.model) for e in experts]
-    unet = experts[0].model
-    full = Schedule.from_name(config.diffusion.schedule, config.diffusion.num_timesteps)
-    schedule = full.respace(steps)
-    if batch_size % mesh.size:
-        raise ValueError(f"Sampling batch size {batch_size} is not divisible by the "
-                         f"{mesh.size} devices of the mesh.")
-    shape = (batch_size, unet.image_size, unet.image_size, unet.in_channels)
-    conditional = unet.num_classes > 0
-
-    def sample(expert_params, rng, labels):
-        model_fn = dispatching_model_fn(experts, graphdefs, expert_params, full)
-        return samplers.sample_loop(
-            model_fn, rng, shape, schedule, sampler=sampler, eta=eta,
-            parameterization=config.diffusion.parameterization,
-            labels=labels if conditional else None, null_label=unet.num_classes,
-            guidance_scale=guidance_scale if conditional else 1.0,
-            learn_sigma=unet.learn_sigma)
-
-    batch = sharding.batch_sharding(mesh)
-    out = jax.jit(sample, out_shardings=batch)
-    return lambda expert_params, rng, labels: out(list(expert_params), rng,
-                                                  jax.device_put(labels, batch))
-
-
-def balanced_labels(start: int, count: int, num_classes: int) -> np.ndarray:
-    """Labels i mod num_classes for sample indices start..start+count-1 (0 if unconditional)."""
-    if num_classes <= 0:
-        return np.zeros((count,), np.int32)
-    return (np.arange(start, start + count) % num_classes).astype(np.int32)
+from pdm_jax.experts import experts_from_config
+# The tf-free sampler core lives in sample_lib (the inference API uses it without TensorFlow);
+# re-exported here for callers of sample.make_sample_fn / sample.balanced_labels.
+from pdm_jax.sample_lib import (  # noqa: F401
+    SampleFn, balanced_labels, make_sample_fn, sample_images)
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -84,15 +29,18 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
-def load_expert_ema(workdir: str, expert_index: int, mesh: Mesh,
-                    config: ml_collections.ConfigDict | None = None) -> dict:
-    """The latest EMA parameters of one expert of the run in ``workdir``, sharded over ``mesh``.
+def load_expert_state(workdir: str, expert_index: int, mesh: Mesh,
+                      config: ml_collections.ConfigDict | None = None) -> tuple[dict, int]:
+    """The latest train state of one expert of the run in ``workdir``, sharded over ``mesh``.
 
     Args:
       workdir: training workdir.
       expert_index: which expert of that run's config.
-      mesh: where to place the parameters.
+      mesh: where to place the state.
       config: that run's config; read from ``<workdir>/config.json`` when None.
+
+    Returns:
+      (state dict with 'params', 'ema', 'opt_state', 'step', 'rng'; its checkpoint step).
 
     Raises:
       FileNotFoundError: the expert has no checkpoint, naming it and the directory.
@@ -115,8 +63,24 @@ def load_expert_ema(workdir: str, expert_index: int, mesh: Mesh,
                 f"No checkpoint for {expert.describe()} under {directory}: train it first "
                 f"(--mode=train --config.train.expert={expert_index}).")
         state, _ = ckpt.restore(abstract, step)
-    logging.info("Loaded EMA of %s from step %d", expert.describe(), step)
-    return state["ema"]
+    logging.info("Loaded %s from step %d", expert.describe(), step)
+    return state, step
+
+
+def load_expert_ema(workdir: str, expert_index: int, mesh: Mesh,
+                    config: ml_collections.ConfigDict | None = None) -> dict:
+    """The latest EMA parameters of one expert of the run in ``workdir``, sharded over ``mesh``.
+
+    Args:
+      workdir: training workdir.
+      expert_index: which expert of that run's config.
+      mesh: where to place the parameters.
+      config: that run's config; read from ``<workdir>/config.json`` when None.
+
+    Raises:
+      FileNotFoundError: the expert has no checkpoint, naming it and the directory.
+    """
+    return load_expert_state(workdir, expert_index, mesh, config)[0]["ema"]
 
 
 def write_npz(path: str, images: np.ndarray, labels: np.ndarray) -> None:
@@ -140,20 +104,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
     mesh = sharding.make_mesh(tuple(config.mesh.shape))
     experts = experts_from_config(config)
     emas = [load_expert_ema(workdir, e.index, mesh, config) for e in experts]
-    num_classes = experts[0].model.num_classes
     sample_fn = make_sample_fn(config, mesh, steps=s.steps, sampler=s.sampler, eta=s.eta,
                                guidance_scale=s.guidance_scale, batch_size=s.batch_size)
-    rng = jax.random.PRNGKey(s.seed)
-    images, labels = [], []
-    for start in range(0, s.num_samples, s.batch_size):
-        batch_labels = balanced_labels(start, s.batch_size, num_classes)
-        batch = sample_fn(emas, jax.random.fold_in(rng, start), jnp.asarray(batch_labels))
-        images.append(metrics.to_uint8(multihost_utils.process_allgather(batch, tiled=True)))
-        labels.append(batch_labels)
-        logging.info("Sampled %d/%d images", min(start + s.batch_size, s.num_samples),
-                     s.num_samples)
-    images = np.concatenate(images)[:s.num_samples]
-    labels = np.concatenate(labels)[:s.num_samples]
+    images, labels = sample_images(
+        sample_fn, emas, num=s.num_samples, batch_size=s.batch_size, seed=s.seed,
+        num_classes=experts[0].model.num_classes,
+        on_batch=lambda done: logging.info("Sampled %d/%d images", done, s.num_samples))
     name = s.name or (f"{s.sampler}{s.steps}_w{s.guidance_scale:g}_eta{s.eta:g}"
                       f"_n{s.num_samples}")
     out_dir = f"{workdir}/samples"

@@ -7,6 +7,7 @@ into the U-Net graph inside jit (``nnx.merge(graphdef, params)``).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -46,9 +47,22 @@ def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransforma
     return adam
 
 
+@functools.lru_cache(maxsize=32)
+def _abstract_unet(unet_config: UNetConfig) -> tuple[nnx.GraphDef, dict[tuple, tuple[int, ...]]]:
+    # Cached: tracing the U-Net's construction takes seconds on a busy CPU.
+    model = nnx.eval_shape(lambda: UNet(unet_config, rngs=nnx.Rngs(0)))
+    flat = nnx.traversals.flatten_mapping(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    return nnx.split(model)[0], {path: tuple(v.shape) for path, v in flat.items()}
+
+
 def model_graphdef(unet_config: UNetConfig) -> nnx.GraphDef:
     """The static graph of the U-Net (no weights allocated)."""
-    return nnx.split(nnx.eval_shape(lambda: UNet(unet_config, rngs=nnx.Rngs(0))))[0]
+    return _abstract_unet(unet_config)[0]
+
+
+def param_shapes(unet_config: UNetConfig) -> dict[tuple, tuple[int, ...]]:
+    """{NNX parameter path: shape} of the U-Net's parameters (no weights allocated)."""
+    return dict(_abstract_unet(unet_config)[1])
 
 
 def init_params(unet_config: UNetConfig, rng: jax.Array) -> dict:
