@@ -249,17 +249,21 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(axes))
 
 
-def global_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+def global_batch(local_batch: Mapping[str, Any], mesh: Mesh,
+                 full: bool = False) -> dict[str, jax.Array]:
     """Assembles each process's slice of the batch into global, batch-sharded jax.Arrays.
 
     Args:
       local_batch: (nested) dict of numpy arrays, each (B_local, ...) with the same B_local;
         every process passes its own distinct examples.
       mesh: the device mesh.
+      full: every process passes the WHOLE global batch (the same arrays everywhere) and
+        keeps the rows its devices hold, wherever the mesh puts them; the global array then
+        equals the given one for any process count (see data.global_order).
 
     Returns:
-      The same structure of jax.Arrays with global batch B_local * process_count, sharded
-      with batch_sharding(mesh).
+      The same structure of jax.Arrays with global batch B_local * process_count (B_local
+      when `full`), sharded with batch_sharding(mesh).
 
     Raises:
       ValueError: if an array has no batch dimension or the global batch does not split
@@ -273,11 +277,13 @@ def global_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Ar
         name = keypath_str(path)
         if x.ndim == 0:
             raise ValueError(f"Batch entry {name!r} is a scalar; expected (B, ...).")
-        global_b = x.shape[0] * jax.process_count()
+        global_b = x.shape[0] * (1 if full else jax.process_count())
         if global_b % n_shards:
             raise ValueError(f"Batch entry {name!r} with local shape {x.shape} gives a global "
                              f"batch of {global_b}, not divisible by {n_shards} = the ('data' x "
                              f"'fsdp') devices of mesh {dict(mesh.shape)}.")
+        if full:
+            return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
         return jax.make_array_from_process_local_data(sharding, x)
 
     return jax.tree_util.tree_map_with_path(one, dict(local_batch))
