@@ -204,3 +204,46 @@ def test_one_process_with_4_devices_restores_the_checkpoint_and_continues(runs):
                                rtol=LOSS_RTOL)
     steps = sorted(p.name for p in (runs["pair"] / "checkpoints" / EXPERT).iterdir())
     assert steps == [str(PAIR_STEPS), str(TOTAL_STEPS)]
+
+
+#### Start-up from the environment (no processes started: jax.distributed is recorded) ####
+
+
+@pytest.fixture
+def recorded_initialize(monkeypatch):
+    import jax
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+                 "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # not a Cloud TPU VM
+    return calls
+
+
+def test_plain_per_node_launch_is_read_from_the_environment(recorded_initialize, monkeypatch):
+    from pdm_jax import sharding
+
+    sharding.maybe_initialize_distributed()
+    assert recorded_initialize == []  # a single process stays as it is
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "node0:12355")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+    monkeypatch.setenv("JAX_PROCESS_ID", "3")
+    sharding.maybe_initialize_distributed()
+    # JAX reads the address itself; the count and index come from the variables.
+    assert recorded_initialize == [dict(coordinator_address=None, num_processes=4,
+                                        process_id=3)]
+    sharding.maybe_initialize_distributed("10.0.0.1:1234", 2, 0)  # flags win
+    assert recorded_initialize[-1] == dict(coordinator_address="10.0.0.1:1234",
+                                           num_processes=2, process_id=0)
+
+
+def test_bad_process_count_in_the_environment_is_named(recorded_initialize, monkeypatch):
+    from pdm_jax import sharding
+
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    with pytest.raises(ValueError, match=r"JAX_NUM_PROCESSES='two' must be a non-negative"):
+        sharding.maybe_initialize_distributed()
+    assert recorded_initialize == []
