@@ -213,6 +213,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step_fn = jax.jit(make_train_step(config, trained, graphdefs, txs, schedule),
                       in_shardings=(shardings, sharding.batch_sharding(mesh)),
                       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+    if jax.process_count() > 1:
+        # Processes finish compiling at different times, and the CPU backend's first collective
+        # (gloo) fails if they reach it over 30 s apart: compile ahead, then meet at a barrier.
+        batch_spec = {k: jax.ShapeDtypeStruct((t_cfg.batch_size, *v.shape[1:]),
+                                              v.dtype.as_numpy_dtype,
+                                              sharding=sharding.batch_sharding(mesh))
+                      for k, v in dataset.element_spec.items()}
+        step_fn = step_fn.lower(state, batch_spec).compile()
+        checkpointing.wait_for_all_processes("pdm_jax_train_step_compiled")
     grid_fn = None
     if t_cfg.sample_every > 0 and len(trained) == len(experts):
         grid_size = t_cfg.grid_size + (-t_cfg.grid_size) % mesh.size
