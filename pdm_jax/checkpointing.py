@@ -84,6 +84,24 @@ def _differing_top_level_keys(stored_json: str, current_json: str) -> list[str]:
     return sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k))
 
 
+def wait_for_all_processes(name: str, timeout_s: int = 3600) -> None:
+    """Blocks until every process has called this with the same `name`; no-op for one process.
+
+    A coordination-service barrier (orbax's), not a device collective: it is the way to line
+    processes up BEFORE their first collective, which on the CPU backend (gloo) gives up when
+    the processes reach it more than 30 s apart.
+
+    Args:
+      name: barrier name, the same on every process.
+      timeout_s: how long to wait for the slowest process.
+
+    Returns:
+      None, once all processes arrived.
+    """
+    if jax.process_count() > 1:
+        ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)
+
+
 class Checkpointer:
     """Saves and restores (train state, JSON metadata) per step with orbax.
 

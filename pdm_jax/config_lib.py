@@ -56,7 +56,11 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = dict(name="pdm_emoji_demo", image_size=64, folder="", data_dir="", manual_dir="",
                   split="train", shuffle_buffer=10_000, random_flip=True,
-                  class_conditional=False, cache=False)
+                  class_conditional=False, cache=False,
+                  # True: every process reads the single-process stream and keeps its rows, so
+                  # the global batches do not depend on the process count (P times the reading;
+                  # for small datasets and reproducibility). False: each reads its own shard.
+                  global_order=False)
     c.model = dict(image_size=64, patch_size=4, in_channels=3, model_channels=128,
                    channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(16, 8),
                    num_head_channels=64, num_classes=0, learn_sigma=True, dropout=0.0,

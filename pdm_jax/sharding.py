@@ -48,19 +48,26 @@ def maybe_initialize_distributed(
     """Starts jax.distributed when this run spans several processes; a no-op otherwise.
 
     It starts when arguments are given, when the environment names a coordinator or a
-    multi-process launcher (JAX_COORDINATOR_ADDRESS, TPU_WORKER_HOSTNAMES with several hosts,
+    multi-process launcher (JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES and JAX_PROCESS_ID
+    for a plain per-node launch, TPU_WORKER_HOSTNAMES with several hosts,
     OMPI_COMM_WORLD_SIZE > 1), or on a Cloud TPU VM. A single CPU/GPU process stays as is.
     Must run before anything touches a JAX backend (device lists, arrays, jit).
 
     Args:
       coordinator_address: 'host:port' of process 0. When any argument is given,
         jax.distributed.initialize is called with them (None ones auto-detected).
-      num_processes: total number of processes.
-      process_id: index of this process.
+      num_processes: total number of processes; None reads JAX_NUM_PROCESSES if set.
+      process_id: index of this process; None reads JAX_PROCESS_ID if set.
 
     Returns:
       None. Logs process index/count and the local and global devices.
+
+    Raises:
+      ValueError: if JAX_NUM_PROCESSES / JAX_PROCESS_ID is not a non-negative integer.
     """
+    # A plain per-node launch sets all three variables; JAX itself reads only the address.
+    num_processes = _int_from_env("JAX_NUM_PROCESSES", num_processes)
+    process_id = _int_from_env("JAX_PROCESS_ID", process_id)
     explicit = any(a is not None for a in (coordinator_address, num_processes, process_id))
     detected = [name for name, is_multi in _MULTI_PROCESS_ENV if is_multi(os.environ.get(name, ""))]
     if _running_on_cloud_tpu_vm():
@@ -88,6 +95,16 @@ def maybe_initialize_distributed(
         jax.device_count(),
         jax.devices(),
     )
+
+
+def _int_from_env(name: str, value: int | None) -> int | None:
+    """`value` if given, else the integer in environment variable `name`, else None."""
+    raw = os.environ.get(name, "")
+    if value is not None or not raw:
+        return value
+    if not raw.isdigit():
+        raise ValueError(f"Environment variable {name}={raw!r} must be a non-negative integer.")
+    return int(raw)
 
 
 def _running_on_cloud_tpu_vm() -> bool:
@@ -249,17 +266,21 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(axes))
 
 
-def global_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+def global_batch(local_batch: Mapping[str, Any], mesh: Mesh,
+                 full: bool = False) -> dict[str, jax.Array]:
     """Assembles each process's slice of the batch into global, batch-sharded jax.Arrays.
 
     Args:
       local_batch: (nested) dict of numpy arrays, each (B_local, ...) with the same B_local;
         every process passes its own distinct examples.
       mesh: the device mesh.
+      full: every process passes the WHOLE global batch (the same arrays everywhere) and
+        keeps the rows its devices hold, wherever the mesh puts them; the global array then
+        equals the given one for any process count (see data.global_order).
 
     Returns:
-      The same structure of jax.Arrays with global batch B_local * process_count, sharded
-      with batch_sharding(mesh).
+      The same structure of jax.Arrays with global batch B_local * process_count (B_local
+      when `full`), sharded with batch_sharding(mesh).
 
     Raises:
       ValueError: if an array has no batch dimension or the global batch does not split
@@ -273,11 +294,13 @@ def global_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Ar
         name = keypath_str(path)
         if x.ndim == 0:
             raise ValueError(f"Batch entry {name!r} is a scalar; expected (B, ...).")
-        global_b = x.shape[0] * jax.process_count()
+        global_b = x.shape[0] * (1 if full else jax.process_count())
         if global_b % n_shards:
             raise ValueError(f"Batch entry {name!r} with local shape {x.shape} gives a global "
                              f"batch of {global_b}, not divisible by {n_shards} = the ('data' x "
                              f"'fsdp') devices of mesh {dict(mesh.shape)}.")
+        if full:
+            return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
         return jax.make_array_from_process_local_data(sharding, x)
 
     return jax.tree_util.tree_map_with_path(one, dict(local_batch))

@@ -197,10 +197,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start_step = next(iter(steps.values()))
 
     #### Input pipeline ####
-    local_batch = t_cfg.batch_size // jax.process_count()
+    # Default: each process reads its own shard. data.global_order: each reads the stream of a
+    # single-process run and keeps its rows (same global batches for any process count).
+    global_order = bool(config.data.get("global_order", False))
+    local_batch = t_cfg.batch_size // (1 if global_order else jax.process_count())
+    process_index, process_count = ((0, 1) if global_order
+                                    else (jax.process_index(), jax.process_count()))
     dataset = pipeline.make_train_dataset(
         config.data, global_batch_size=t_cfg.batch_size, seed=config.seed,
-        process_index=jax.process_index(), process_count=jax.process_count(),
+        process_index=process_index, process_count=process_count,
         start_example=start_step * local_batch)
     batches = pipeline.iterate_numpy(dataset)
 
@@ -208,6 +213,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step_fn = jax.jit(make_train_step(config, trained, graphdefs, txs, schedule),
                       in_shardings=(shardings, sharding.batch_sharding(mesh)),
                       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+    if jax.process_count() > 1:
+        # Processes finish compiling at different times, and the CPU backend's first collective
+        # (gloo) fails if they reach it over 30 s apart: compile ahead, then meet at a barrier.
+        batch_spec = {k: jax.ShapeDtypeStruct((t_cfg.batch_size, *v.shape[1:]),
+                                              v.dtype.as_numpy_dtype,
+                                              sharding=sharding.batch_sharding(mesh))
+                      for k, v in dataset.element_spec.items()}
+        step_fn = step_fn.lower(state, batch_spec).compile()
+        checkpointing.wait_for_all_processes("pdm_jax_train_step_compiled")
     grid_fn = None
     if t_cfg.sample_every > 0 and len(trained) == len(experts):
         grid_size = t_cfg.grid_size + (-t_cfg.grid_size) % mesh.size
@@ -249,7 +263,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step = start_step
     try:
         while step < t_cfg.num_steps:
-            batch = sharding.global_batch(next(batches), mesh)
+            batch = sharding.global_batch(next(batches), mesh, full=global_order)
             state, step_metrics = step_fn(state, batch)
             step += 1
             pending.append(step_metrics)
