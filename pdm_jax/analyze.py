@@ -2,10 +2,11 @@
 
 For a data set (the config's data section: demo set, image folder or tfds) this computes the
 exact optimal denoiser E[x | z_t] of its empirical distribution (analysis/optimal_denoiser.py)
-for queries z_t made from data images, at timesteps across the chain, and reports per t and per
-patch size P the RMS of what PxP average pooling removes from E[x | z_t], relative to the same
-RMS of the clean query images. A ratio near 0 means the denoiser is already constant on PxP
-blocks, i.e. a network predicting it at 1/P resolution loses nothing (PDM's premise, SPEC 1).
+at timesteps across the chain, and reports per t and per patch size P the RMS of what PxP
+average pooling removes from E[x | z_t], relative to the same RMS of the clean query images.
+Queries are z_t of images held out of the data set (``analysis.held_out_queries``, default) or
+of data images themselves. A ratio near 0 means the denoiser is already constant on PxP blocks,
+i.e. a network predicting it at 1/P resolution loses nothing (PDM's premise, SPEC 1).
 
 Writes ``<workdir>/analysis/optimal_denoiser_blur.json`` and ``.png`` and marks the ImageNet
 expert split (SNR 0.25, SPEC 6).
@@ -56,9 +57,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("num_data", "num_queries", "chunk_size"):
         if int(a[key]) < 1:
             raise ValueError(f"analysis.{key} must be >= 1, got {a[key]}.")
-    if a.num_queries > a.num_data:
+    if a.num_queries > a.num_data and not a.held_out_queries:
         raise ValueError(f"analysis.num_queries={a.num_queries} exceeds analysis.num_data="
-                         f"{a.num_data} (queries are made from data images).")
+                         f"{a.num_data} (in-sample queries are made from data images).")
     size = int(config.data.image_size)
     for p in a.patch_sizes:
         if p < 1 or size % p:
@@ -150,8 +151,9 @@ def plot(result: dict) -> bytes:
             fontsize=8)
     ax.set_xlabel(f"t ({result['schedule']} schedule, T={result['num_timesteps']})")
     ax.set_ylabel("RMSE(D - blur_P D) / RMSE(x - blur_P x)")
-    ax.set_title(f"Patch detail in E[x | z_t]: {result['dataset']}, N={result['num_data']}",
-                 fontsize=10)
+    queries = "held-out" if result["held_out_queries"] else "in-sample"
+    ax.set_title(f"Patch detail in E[x | z_t]: {result['dataset']}, N={result['num_data']}, "
+                 f"{result['num_queries']} {queries} queries", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -178,8 +180,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     a, d = config.analysis, config.diffusion
     schedule = schedules.Schedule.from_name(d.schedule, d.num_timesteps)
     timesteps = analysis_timesteps(a, d.num_timesteps)
-    data = load_images(config.data, int(a.num_data), config.seed)
-    queries = data[:min(int(a.num_queries), len(data))]
+    held_out = bool(a.held_out_queries)
+    images = load_images(config.data, int(a.num_data) + held_out * int(a.num_queries),
+                         config.seed)
+    if held_out:
+        # Queries from images outside the data set: E[x | z_t] cannot simply return the query
+        # image at high SNR (which in-sample queries show: the empirical optimum memorises).
+        if len(images) < 2 * int(a.num_queries):
+            raise ValueError(f"held_out_queries needs more than 2 x num_queries={a.num_queries} "
+                             f"distinct images; the data set has {len(images)}.")
+        num_queries = int(a.num_queries)
+        data, queries = images[:-num_queries], images[-num_queries:]
+    else:
+        data, queries = images, images[:min(int(a.num_queries), len(images))]
     logging.info("Optimal denoiser of %d images (%s), %d queries, %d timesteps",
                  len(data), data.shape[1:], len(queries), len(timesteps))
     patch_sizes = [int(p) for p in a.patch_sizes]
@@ -187,7 +200,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        config.seed)
     dataset = config.data.folder if config.data.name == pipeline.FOLDER_NAME else config.data.name
     result = {"dataset": dataset, "image_size": int(config.data.image_size),
-              "num_data": len(data), "num_queries": len(queries), "schedule": d.schedule,
+              "num_data": len(data), "num_queries": len(queries),
+              "held_out_queries": held_out, "schedule": d.schedule,
               "num_timesteps": d.num_timesteps, "patch_sizes": patch_sizes,
               "split_snr": SPLIT_SNR, "split_t": split_timestep(schedule), **table}
     out = f"{workdir}/analysis"
