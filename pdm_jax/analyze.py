@@ -147,7 +147,8 @@ def plot(result: dict) -> bytes:
                 markersize=3, label=f"P={p}")
     split = result["split_t"]
     ax.axvline(split, color="k", linestyle="--", linewidth=1)
-    ax.text(split, ax.get_ylim()[1] * 0.95, f" SNR {SPLIT_SNR} (t={split})", va="top",
+    low, high = ax.get_ylim()
+    ax.text(split, low + 0.03 * (high - low), f" SNR {SPLIT_SNR} (t={split})", va="bottom",
             fontsize=8)
     ax.set_xlabel(f"t ({result['schedule']} schedule, T={result['num_timesteps']})")
     ax.set_ylabel("RMSE(D - blur_P D) / RMSE(x - blur_P x)")
