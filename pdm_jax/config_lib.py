@@ -83,6 +83,11 @@ def base_config() -> ml_collections.ConfigDict:
     # --mode=export: tensor dtype ('float32' or 'bfloat16') and whether the raw (non-EMA)
     # parameters are written next to the EMA ones.
     c.export = dict(dtype="float32", include_raw=False)
+    # --mode=analyze: the optimal denoiser of the data's empirical distribution (analyze.py).
+    # timesteps: explicit steps t; empty means num_timesteps steps evenly spaced over the chain.
+    # held_out_queries: noisy queries from images outside the num_data images (else from them).
+    c.analysis = dict(num_data=2048, num_queries=64, held_out_queries=True, timesteps=(),
+                      num_timesteps=25, patch_sizes=(2, 4, 8), chunk_size=256)
     return c
 
 
