@@ -76,6 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.ckpt = dict(every=5_000, keep=3, async_save=True)
     c.log = dict(tensorboard=True)
     c.mesh = dict(shape=(-1, 1))
+    # Evaluation (SPEC 9): the converted TF-FID Inception weights (python -m
+    # pdm_jax.convert_inception), the reference batch or its statistics, sample counts.
+    c.eval = dict(inception_path="", ref_path="", num_samples=50_000, batch_size=256,
+                  during_training_every=0, during_training_num=1_000)
     return c
 
 
