@@ -256,7 +256,8 @@ def resize_matrix(in_size: int, out_size: int, preprocess: str) -> np.ndarray:
     if preprocess == "adm":
         src = dst * scale
     elif preprocess == "pytorch_fid":
-        src = np.maximum((dst + np.float32(0.5)) * scale - np.float32(0.5), np.float32(0.0))
+        # torch rounds (dst + 0.5) * scale - 0.5 once (fused), not after each operation.
+        src = np.maximum((dst + 0.5) * np.float64(scale) - 0.5, 0.0).astype(np.float32)
     else:
         raise ValueError(f"Unknown preprocess {preprocess!r}; expected one of {PREPROCESS}.")
     lo = np.floor(src).astype(np.int64)
