@@ -187,7 +187,8 @@ def self_check(out_path: str, torchscript_path: str, num_images: int = 4,
     x = np.asarray(inception.preprocess_images(images, extractor.preprocess))
     start = time.perf_counter()
     with torch.no_grad():
-        ref = _load_torchscript(torchscript_path)(torch.from_numpy(np.array(x.transpose(0, 3, 1, 2))))
+        nchw = torch.from_numpy(np.array(x.transpose(0, 3, 1, 2)))
+        ref = _load_torchscript(torchscript_path)(nchw)
     torch_s = time.perf_counter() - start
     ref = ref.numpy()
     err = float(np.abs(ours - ref).max() / np.abs(ref).max())

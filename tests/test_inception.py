@@ -246,6 +246,9 @@ def test_missing_or_misshapen_tensor_is_refused(good_file, tmp_path):
     save_file(bad_shape, str(tmp_path / "shape.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match=r"'conv.kernel' has shape \(3, 3, 3, 16\), expected"):
         inception.load_inception(str(tmp_path / "shape.safetensors"))
+    save_file(weights, str(tmp_path / "lying.safetensors"), metadata=dict(meta, has_logits="true"))
+    with pytest.raises(ValueError, match="metadata has_logits='true' but the file lacks"):
+        inception.load_inception(str(tmp_path / "lying.safetensors"))
     save_file(weights, str(tmp_path / "foreign.safetensors"))  # no pdm_jax metadata
     with pytest.raises(ValueError, match="metadata format"):
         inception.load_inception(str(tmp_path / "foreign.safetensors"))

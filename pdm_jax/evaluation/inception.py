@@ -13,10 +13,10 @@ Outputs, as ADM's evaluator reads them:
   * ``logits`` (only if the weight file holds ``softmax/weights``): ``pool @ W`` WITHOUT the bias,
     exactly what ADM's ``_create_softmax_graph`` feeds to the softmax for the Inception Score.
 
-Preprocessing (``preprocess="adm"``, the default) reproduces the graph ADM feeds at ``ExpandDims:0``:
-float [0, 255] -> ``ResizeBilinear`` to 299x299 with TF1 semantics (align_corners=False AND
-half_pixel_centers=False: source = dst * in/out, no antialiasing) -> ``(x - 128) / 128``, a range
-of [-1, 0.9921875]. ``preprocess="pytorch_fid"`` is pytorch-fid's instead: half-pixel bilinear
+Preprocessing (``preprocess="adm"``, the default) reproduces the graph that ADM feeds at
+``ExpandDims:0``: float [0, 255] -> ``ResizeBilinear`` to 299x299 with TF1 semantics
+(align_corners=False AND half_pixel_centers=False: source = dst * in/out, no antialiasing) ->
+``(x - 128) / 128``, a range of [-1, 0.9921875]. ``preprocess="pytorch_fid"`` is pytorch-fid's instead: half-pixel bilinear
 (``F.interpolate(..., mode="bilinear", align_corners=False)``) and ``x / 127.5 - 1``. The two
 resizes differ by up to a few grey levels; FIDs are only comparable within one choice.
 """
@@ -172,12 +172,13 @@ class InceptionFeatureExtractor:
         params = self.params
         sharding = getattr(images, "sharding", None)
         if isinstance(sharding, jax.sharding.NamedSharding):
-            # Weights replicated once per mesh: every process holds them all, so this also works
-            # when the batch spans several hosts.
+            # Weights replicated once per mesh from host copies: every process holds them all,
+            # so this also works when the mesh spans several hosts.
             mesh = sharding.mesh
             if mesh not in self._replicated:
                 replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-                self._replicated[mesh] = jax.device_put(params, replicated)
+                host = jax.tree.map(np.asarray, params)
+                self._replicated[mesh] = jax.device_put(host, replicated)
             params = self._replicated[mesh]
         return _jit_features(self.graphdef, self.preprocess, params, images)
 
@@ -316,6 +317,9 @@ def load_inception(path: str, *, preprocess: str = "adm") -> InceptionFeatureExt
         raise ValueError(f"{path!r} is not an Inception weight file of pdm_jax (metadata format "
                          f"{metadata.get('format')!r}, expected {FORMAT!r}); {hint}.")
     has_logits = check_weights(weights, repr(path))
+    if metadata.get("has_logits") != str(has_logits).lower():
+        raise ValueError(f"{path!r}: metadata has_logits={metadata.get('has_logits')!r} but the "
+                         f"file {'holds' if has_logits else 'lacks'} the logits layer; {hint}.")
     params = jax.tree.map(jnp.asarray, _unflatten(weights))
     return InceptionFeatureExtractor(params, has_logits=has_logits, preprocess=preprocess,
                                      source=metadata.get("source", ""))

@@ -61,7 +61,7 @@ def _avg_pool_same(x: jax.Array) -> jax.Array:
 
 
 class Tower(nnx.Module):
-    """Sequential convs named conv, conv_1, conv_2, ... (TF ``tower/conv_k``), optional pool first."""
+    """Convs named conv, conv_1, ... (TF ``tower/conv_k``) in sequence, optionally after a pool."""
 
     def __init__(self, *layers: ConvBN, pool: str = ""):
         self.names = tuple("conv" if k == 0 else f"conv_{k}" for k in range(len(layers)))
