@@ -16,9 +16,10 @@ Outputs, as ADM's evaluator reads them:
 Preprocessing (``preprocess="adm"``, the default) reproduces the graph that ADM feeds at
 ``ExpandDims:0``: float [0, 255] -> ``ResizeBilinear`` to 299x299 with TF1 semantics
 (align_corners=False AND half_pixel_centers=False: source = dst * in/out, no antialiasing) ->
-``(x - 128) / 128``, a range of [-1, 0.9921875]. ``preprocess="pytorch_fid"`` is pytorch-fid's instead: half-pixel bilinear
-(``F.interpolate(..., mode="bilinear", align_corners=False)``) and ``x / 127.5 - 1``. The two
-resizes differ by up to a few grey levels; FIDs are only comparable within one choice.
+``(x - 128) / 128``, a range of [-1, 0.9921875]. ``preprocess="pytorch_fid"`` is pytorch-fid's
+instead: half-pixel bilinear (``F.interpolate(..., mode="bilinear", align_corners=False)``) and
+``x / 127.5 - 1``. The two resizes differ by up to a few grey levels; FIDs are only comparable
+within one choice.
 """
 
 from __future__ import annotations
