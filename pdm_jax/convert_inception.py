@@ -93,9 +93,9 @@ def _import_torch():
 
 
 def _load_torchscript(path: str):
-    torch = _import_torch()
     if not os.path.isfile(path):
         raise FileNotFoundError(f"TorchScript file {path!r} does not exist.")
+    torch = _import_torch()
     try:
         return torch.jit.load(path, map_location="cpu").eval()
     except Exception as e:
@@ -134,9 +134,9 @@ def weights_from_pytorch_fid(path: str) -> dict[str, np.ndarray]:
     ones (the converted graph) maps exactly; any other gamma is folded into the variance,
     var' = (var + eps) / gamma^2 - eps, which gives the same output as pytorch-fid.
     """
-    torch = _import_torch()
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pytorch-fid weight file {path!r} does not exist.")
+    torch = _import_torch()
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
