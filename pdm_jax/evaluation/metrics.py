@@ -319,6 +319,8 @@ class FeatureStats:
         logits = features.get("logits")
         if (logits is None) != (self.logits_sample is None):
             raise ValueError("FeatureStats expects logits exactly when created with logits_dim.")
+        if len(features["pool"]) == 0:
+            return self
         batch = FeatureStats(
             GaussianStats.from_features(features["pool"]),
             GaussianStats.from_features(features["spatial"]),
@@ -341,18 +343,23 @@ class FeatureStats:
 def _allgather_exact(x: np.ndarray) -> np.ndarray:
     """process_allgather without the float64 -> float32 cast (JAX runs without x64).
 
-    The bytes travel as uint32 and are viewed back, so float64 sums arrive bit for bit.
+    The bytes travel as uint32 words (zero-padded to a multiple of 4) and are viewed back, so
+    float64 sums and uint8 images arrive bit for bit.
     """
     from jax.experimental import multihost_utils
 
     x = np.ascontiguousarray(x)
-    words = x.reshape(-1).view(np.uint32) if x.size else np.zeros((0,), np.uint32)
-    gathered = np.asarray(multihost_utils.process_allgather(words))
-    return gathered.view(x.dtype).reshape(gathered.shape[0], *x.shape)
+    raw = x.reshape(-1).view(np.uint8)
+    words = np.zeros((-(-raw.size // 4) * 4,), np.uint8)
+    words[:raw.size] = raw
+    gathered = np.asarray(multihost_utils.process_allgather(words.view(np.uint32)))
+    gathered = gathered.view(np.uint8)[:, :raw.size]
+    return np.ascontiguousarray(gathered).view(x.dtype).reshape(gathered.shape[0], *x.shape)
 
 
-def _allgather_rows(x: np.ndarray, max_rows: int) -> list[np.ndarray]:
-    """Each process's (n_p, ...) array, for arrays whose n_p <= max_rows differ per process."""
+def allgather_rows(x: np.ndarray, max_rows: int) -> list[np.ndarray]:
+    """Every process's (n_p, ...) array, in process order (a collective; n_p <= max_rows may
+    differ between processes)."""
     counts = _allgather_exact(np.asarray([len(x)], np.int64))[:, 0]
     padded = np.zeros((max_rows, *x.shape[1:]), x.dtype)
     padded[:len(x)] = x
@@ -385,9 +392,9 @@ def merge_across_processes(stats: FeatureStats, max_sample: int | None = None) -
                 zip(counts, _allgather_exact(g.mean), _allgather_exact(g.scatter))]
 
     pools, spatials = gaussian(stats.pool), gaussian(stats.spatial)
-    samples = _allgather_rows(stats.pool_sample, stats.max_sample)
+    samples = allgather_rows(stats.pool_sample, stats.max_sample)
     logits = (None if stats.logits_sample is None
-              else _allgather_rows(stats.logits_sample, stats.max_sample))
+              else allgather_rows(stats.logits_sample, stats.max_sample))
     total = FeatureStats.empty(max_sample, stats.pool.mean.shape[0],
                                stats.spatial.mean.shape[0],
                                None if logits is None else stats.logits_sample.shape[1])

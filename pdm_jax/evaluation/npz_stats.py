@@ -36,6 +36,7 @@ class BatchStats:
       pool_features: (N, 2048) features for precision/recall, or None.
       logits: (N, C) classifier logits for the Inception Score, or None.
       count: number of images behind mu/sigma (0 when a file does not say).
+      logits_note: why ``logits`` is None, for the report.
     """
 
     mu: np.ndarray
@@ -45,11 +46,14 @@ class BatchStats:
     pool_features: np.ndarray | None = None
     logits: np.ndarray | None = None
     count: int = 0
+    logits_note: str = ""
 
     @classmethod
     def from_feature_stats(cls, stats: metrics.FeatureStats) -> BatchStats:
+        note = "" if stats.logits_sample is not None else (
+            "the Inception weights have no classifier head (logits)")
         return cls(stats.pool.mean, stats.pool.sigma, stats.spatial.mean, stats.spatial.sigma,
-                   stats.pool_sample, stats.logits_sample, stats.count)
+                   stats.pool_sample, stats.logits_sample, stats.count, note)
 
 
 def npz_keys(path: str) -> list[str]:
@@ -135,7 +139,8 @@ def load_stats(path: str) -> BatchStats:
             *(np.asarray(data[k], np.float64) for k in STAT_KEYS),
             pool_features=np.asarray(data["pool_features"], np.float32)
             if "pool_features" in data else None,
-            count=int(data["count"]) if "count" in data else 0)
+            count=int(data["count"]) if "count" in data else 0,
+            logits_note="the file holds statistics, not images, so there are no logits")
 
 
 def save_reference(path: str, stats: metrics.FeatureStats, images: np.ndarray | None) -> None:
