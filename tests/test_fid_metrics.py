@@ -394,7 +394,25 @@ def test_eval_mode_samples_and_scores_against_the_reference(reference, tmp_path,
     assert result["inception_score"] >= 1.0
 
 
-#### The real Inception graph ####
+#### The real Inception graph (one compiled program: batches of 8 images of 32x32) ####
+
+
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory):
+    """A persistent compilation cache, so both real-Inception tests compile the network once
+    (their feature functions are distinct jits of the same program)."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    previous = {name: getattr(jax.config, name) for name in names}
+    for name, value in zip(names, (str(tmp_path_factory.mktemp("xla_cache")), 0.0, 0)):
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+    yield
+    for name, value in previous.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
 
 
 def random_inception_weights():
@@ -411,7 +429,7 @@ def random_inception_weights():
     return weights
 
 
-def test_evaluate_cli_with_a_real_inception_weight_file(tmp_path):
+def test_evaluate_cli_with_a_real_inception_weight_file(tmp_path, xla_cache):
     """The CLI loads a weight file and runs the full Inception graph (random weights, 8 images)."""
     from pdm_jax import evaluate
     from pdm_jax.evaluation import inception
@@ -422,7 +440,7 @@ def test_evaluate_cli_with_a_real_inception_weight_file(tmp_path):
     ref, sample = str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz")
     np.savez(ref, mu=rng.normal(size=2048), sigma=np.eye(2048), mu_s=np.zeros(2023),
              sigma_s=np.eye(2023), pool_features=rng.normal(size=(8, 2048)).astype(np.float32))
-    np.savez(sample, arr_0=smooth_images(8, seed=4))
+    np.savez(sample, arr_0=smooth_images(8, seed=4, size=32))
     result = evaluate.main([ref, sample, f"--inception_path={path}", "--batch_size=8"])
     assert result["num_samples"] == 8 and np.isfinite(result["fid"]) and result["fid"] > 0
     assert np.isfinite(result["sfid"]) and 0.0 <= result["precision"] <= 1.0
@@ -447,8 +465,8 @@ def tf_fid_inception(tmp_path_factory):
     return inception.load_inception(path)
 
 
-def test_fid_of_demo_images_grows_with_the_noise_level(tf_fid_inception):
-    """TF-FID features of 16 emoji-like images vs their noised copies: FID rises with sigma."""
+def test_fid_of_demo_images_grows_with_the_noise_level(tf_fid_inception, xla_cache):
+    """TF-FID features of 8 smooth images vs their noised copies: FID rises with sigma."""
     from pdm_jax import sharding
     from pdm_jax.evaluation import features
 
@@ -458,9 +476,8 @@ def test_fid_of_demo_images_grows_with_the_noise_level(tf_fid_inception):
              for s in (0.1, 0.4)]
     mesh = sharding.make_mesh((-1, 1))
     fn = features.make_feature_fn(tf_fid_inception, mesh)
-    batch = np.concatenate([clean, *noisy])  # One 24-image program.
-    out = features.local_rows(fn(sharding.global_batch({"x": batch}, mesh)["x"]))
-    stats = [metrics.GaussianStats.from_features(out["pool"][i:i + 8]) for i in (0, 8, 16)]
+    stats = [metrics.GaussianStats.from_features(features.local_rows(
+        fn(sharding.global_batch({"x": batch}, mesh)["x"]))["pool"]) for batch in (clean, *noisy)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # 8 samples in 2048-d: singular covariances.
         fids = [metrics.fid_from_stats(stats[0], s) for s in stats]
