@@ -88,6 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
     # held_out_queries: noisy queries from images outside the num_data images (else from them).
     c.analysis = dict(num_data=2048, num_queries=64, held_out_queries=True, timesteps=(),
                       num_timesteps=25, patch_sizes=(2, 4, 8), chunk_size=256)
+    # Evaluation (SPEC 9): the converted TF-FID Inception weights (python -m
+    # pdm_jax.convert_inception), the reference batch or its statistics, sample counts.
+    c.eval = dict(inception_path="", ref_path="", num_samples=50_000, batch_size=256)
     return c
 
 

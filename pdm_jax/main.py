@@ -15,8 +15,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/x.py[:arg]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (local path or gs://).")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "summary", "export", "analyze"],
-                  "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "summary", "export", "analyze", "eval",
+                                   "ref_stats"], "What to do.")
 flags.DEFINE_string("export_dir", None, "--mode=export: output directory (default WORKDIR/export).")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: coordinator host:port.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
@@ -65,6 +65,12 @@ def main(argv):
     elif FLAGS.mode == "analyze":
         from pdm_jax import analyze
         analyze.run(config, FLAGS.workdir)
+    elif FLAGS.mode == "eval":
+        from pdm_jax import eval_run
+        eval_run.run_eval(config, FLAGS.workdir)
+    elif FLAGS.mode == "ref_stats":
+        from pdm_jax import eval_run
+        eval_run.run_ref_stats(config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Sample-quality evaluation compatible with OpenAI ADM's evaluator (SPEC 9)."""

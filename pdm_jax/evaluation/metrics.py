@@ -1,0 +1,404 @@
+"""Sample-quality metric maths following OpenAI ADM's evaluator (SPEC 9): FID, sFID, IS, P/R.
+
+Everything here works on Inception features, never on images, so it is testable against closed
+forms. Conventions (ADM, guided-diffusion/evaluations/evaluator.py):
+
+* FID / sFID: Frechet distance between Gaussians fitted to pool_3 (2048-d) / mixed_6 spatial
+  (17*17*7 = 2023-d) features, in float64, with scipy's Schur-based matrix square root and
+  pytorch-fid's / ADM's handling of a singular product (retry with eps*I added to both
+  covariances) and of round-off imaginary parts (dropped when small, an error when large).
+* Inception Score: softmax of the classifier logits, consecutive splits of 5000 samples (so 10
+  splits for 50k samples), exp(mean KL(p(y|x) || p(y))) per split, averaged over splits. The
+  "10 splits" convention of improved-gan/torch-fidelity gives the same number for 50k samples
+  and differs for any other count. ADM takes the logits as pool_3 @ W of the classifier, without
+  its bias; the extractor decides what its 'logits' are.
+* Precision / recall (Kynkaenniemi et al. 2019, k = 3): each set's manifold is the union of
+  balls around its points whose squared radius is the squared distance to the k-th nearest
+  neighbour within the set (the point itself at distance 0 is the 0-th); precision is the fraction
+  of samples inside the reference manifold, recall the fraction of reference points inside the
+  sample manifold. Distances are computed in blocks on the accelerator in float32 at the highest
+  matmul precision (ADM tries float16 first), so 50k x 50k never materialises.
+
+Feature statistics accumulate streaming in :class:`FeatureStats` (per batch, per process) and
+merge exactly, so processes combine statistics rather than gathering images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import linalg
+
+# ADM's split size for the Inception Score.
+IS_SPLIT_SIZE = 5000
+# ADM's neighbourhood size for precision/recall.
+PR_K = 3
+
+
+#### Gaussian statistics ####
+
+
+@dataclasses.dataclass
+class GaussianStats:
+    """Running count, mean and centred scatter matrix of feature vectors, in float64.
+
+    Batches are folded in with Chan et al.'s parallel update, which equals accumulating the sum
+    and the sum of outer products but without their cancellation (E[xx^T] - mu mu^T loses digits
+    when the mean is large against the spread); ``merge`` is exact in the same way.
+    """
+
+    count: int
+    mean: np.ndarray  # (D,) float64
+    scatter: np.ndarray  # (D, D) float64: sum over samples of (x - mean)(x - mean)^T
+
+    @classmethod
+    def empty(cls, dim: int) -> GaussianStats:
+        return cls(0, np.zeros((dim,), np.float64), np.zeros((dim, dim), np.float64))
+
+    @classmethod
+    def from_features(cls, features: np.ndarray) -> GaussianStats:
+        """Statistics of an (N, D) array in one shot."""
+        x = np.asarray(features, np.float64).reshape(len(features), -1)
+        mean = x.mean(axis=0)
+        centred = x - mean
+        return cls(len(x), mean, centred.T @ centred)
+
+    def merge(self, other: GaussianStats) -> GaussianStats:
+        """Statistics of the union of both sample sets."""
+        if self.mean.shape != other.mean.shape:
+            raise ValueError(f"Cannot merge statistics of {self.mean.shape[0]}-d and "
+                             f"{other.mean.shape[0]}-d features.")
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            return other
+        n = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / n)
+        scatter = self.scatter + other.scatter + np.outer(delta, delta) * (
+            self.count * other.count / n)
+        return GaussianStats(n, mean, scatter)
+
+    def update(self, features: np.ndarray) -> GaussianStats:
+        """These statistics with an (N, D) batch folded in."""
+        return self.merge(GaussianStats.from_features(features))
+
+    @property
+    def sigma(self) -> np.ndarray:
+        """Unbiased covariance (np.cov's, as ADM uses)."""
+        if self.count < 2:
+            raise ValueError(f"A covariance needs at least 2 samples, got {self.count}.")
+        return self.scatter / (self.count - 1)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), in float64.
+
+    Args:
+      mu1, sigma1: mean (D,) and covariance (D, D) of the first Gaussian.
+      mu2, sigma2: those of the second.
+      eps: diagonal offset added to both covariances when the product's square root is not
+        finite (singular product, e.g. fewer samples than dimensions).
+
+    Returns:
+      The Frechet distance (FID when the inputs are Inception pool_3 statistics).
+
+    Raises:
+      ValueError: mismatched shapes, or a square root whose diagonal has an imaginary part
+        above 1e-3 (a sign of non-PSD inputs rather than round-off).
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
+    sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(f"Mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma "
+                         f"{sigma1.shape} vs {sigma2.shape}.")
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        warnings.warn(f"FID: the product of covariances is singular; adding {eps} to their "
+                      f"diagonals.", stacklevel=2)
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"FID: matrix square root has an imaginary component of "
+                             f"{np.max(np.abs(covmean.imag)):.3g}; are the covariances PSD?")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def fid_from_stats(a: GaussianStats, b: GaussianStats) -> float:
+    """Frechet distance between two accumulated feature statistics."""
+    return frechet_distance(a.mean, a.sigma, b.mean, b.sigma)
+
+
+#### Inception Score ####
+
+
+def inception_score(logits: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> float:
+    """ADM's Inception Score: mean over consecutive splits of exp(E_x KL(p(y|x) || p(y))).
+
+    Args:
+      logits: (N, C) classifier logits, in sample order.
+      split_size: samples per split (ADM: 5000; the last split may be shorter).
+
+    Returns:
+      The score (1 = uninformative or identical predictions, up to C).
+    """
+    logits = np.asarray(logits, np.float64)
+    if logits.ndim != 2 or len(logits) == 0:
+        raise ValueError(f"Inception Score needs (N, C) logits with N > 0, got {logits.shape}.")
+    log_p = logits - logits.max(axis=1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+    scores = []
+    for start in range(0, len(log_p), split_size):
+        part = log_p[start:start + split_size]
+        p = np.exp(part)
+        log_marginal = np.log(p.mean(axis=0))
+        kl = np.sum(p * (part - log_marginal), axis=1).mean()
+        scores.append(np.exp(kl))
+    return float(np.mean(scores))
+
+
+#### Precision / recall ####
+
+
+def _sq_distances(u: jax.Array, v: jax.Array) -> jax.Array:
+    """(R, C) squared Euclidean distances, clamped at 0 against round-off."""
+    uv = jnp.dot(u, v.T, precision=jax.lax.Precision.HIGHEST)
+    d = jnp.sum(u * u, axis=1)[:, None] - 2.0 * uv + jnp.sum(v * v, axis=1)[None, :]
+    return jnp.maximum(d, 0.0)
+
+
+@functools.partial(jax.jit, static_argnames="k")
+def _knn_block(rows: jax.Array, col_blocks: jax.Array, col_valid: jax.Array, k: int) -> jax.Array:
+    """Squared distance from each row to its k-th nearest column (0-th = nearest)."""
+
+    def body(best, block):
+        cols, valid = block
+        d = jnp.where(valid[None, :], _sq_distances(rows, cols), jnp.inf)
+        neg_best, _ = jax.lax.top_k(-jnp.concatenate([best, d], axis=1), k + 1)
+        return -neg_best, None
+
+    init = jnp.full((rows.shape[0], k + 1), jnp.inf, rows.dtype)
+    best, _ = jax.lax.scan(body, init, (col_blocks, col_valid))
+    return best[:, k]
+
+
+@jax.jit
+def _inside_block(rows: jax.Array, row_radii: jax.Array, col_blocks: jax.Array,
+                  col_radii: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(rows inside some column ball (R,), columns inside some row ball (nb, C))."""
+
+    def body(rows_in, block):
+        cols, radii = block
+        d = _sq_distances(rows, cols)
+        rows_in = rows_in | jnp.any(d <= radii[None, :], axis=1)
+        return rows_in, jnp.any(d <= row_radii[:, None], axis=0)
+
+    rows_in, cols_in = jax.lax.scan(body, jnp.zeros(rows.shape[0], bool), (col_blocks, col_radii))
+    return rows_in, cols_in
+
+
+def _blocks(x: np.ndarray, block: int, fill: float) -> tuple[np.ndarray, int]:
+    """Pads the first axis of x to a multiple of block with ``fill``; returns (padded, n)."""
+    n = len(x)
+    pad = -n % block
+    padded = np.concatenate([x, np.full((pad, *x.shape[1:]), fill, x.dtype)]) if pad else x
+    return padded, n
+
+
+def manifold_radii(features: np.ndarray, k: int = PR_K, block: int = 4096) -> np.ndarray:
+    """Squared distance from each point to its k-th nearest neighbour within the set.
+
+    Args:
+      features: (N, D) features, N > k.
+      k: neighbourhood size (ADM: 3).
+      block: rows/columns per distance block (memory is O(block^2)).
+
+    Returns:
+      (N,) float32 squared radii.
+    """
+    features = np.asarray(features, np.float32)
+    if features.ndim != 2 or len(features) <= k:
+        raise ValueError(f"manifold_radii needs (N, D) features with N > k={k}, got "
+                         f"{features.shape}.")
+    block = min(block, len(features))
+    padded, n = _blocks(features, block, 0.0)
+    valid = (np.arange(len(padded)) < n).reshape(-1, block)
+    col_blocks = jnp.asarray(padded.reshape(-1, block, padded.shape[1]))
+    radii = [np.asarray(_knn_block(jnp.asarray(padded[s:s + block]), col_blocks,
+                                   jnp.asarray(valid), k))
+             for s in range(0, len(padded), block)]
+    return np.concatenate(radii)[:n]
+
+
+def precision_recall(ref_features: np.ndarray, sample_features: np.ndarray, k: int = PR_K,
+                     block: int = 4096) -> tuple[float, float]:
+    """Improved precision and recall (ADM's ``compute_prec_recall``).
+
+    Args:
+      ref_features: (N1, D) reference (real) features.
+      sample_features: (N2, D) generated-sample features.
+      k: neighbourhood size.
+      block: rows/columns per distance block.
+
+    Returns:
+      (precision, recall): fraction of samples inside the reference manifold, and of reference
+      points inside the sample manifold.
+    """
+    ref = np.asarray(ref_features, np.float32)
+    sample = np.asarray(sample_features, np.float32)
+    if ref.ndim != 2 or sample.ndim != 2 or ref.shape[1] != sample.shape[1]:
+        raise ValueError(f"precision_recall needs (N, D) features of equal D, got {ref.shape} "
+                         f"and {sample.shape}.")
+    ref_radii = manifold_radii(ref, k, block)
+    sample_radii = manifold_radii(sample, k, block)
+    rb, cb = min(block, len(ref)), min(block, len(sample))
+    # Padding points get radius -inf: their balls contain nothing; their own flags are dropped.
+    ref_p, n_ref = _blocks(ref, rb, 0.0)
+    ref_radii_p, _ = _blocks(ref_radii, rb, -np.inf)
+    sample_p, n_sample = _blocks(sample, cb, 0.0)
+    sample_radii_p, _ = _blocks(sample_radii, cb, -np.inf)
+    col_blocks = jnp.asarray(sample_p.reshape(-1, cb, sample.shape[1]))
+    col_radii = jnp.asarray(sample_radii_p.reshape(-1, cb))
+    ref_in = np.zeros(len(ref_p), bool)
+    sample_in = np.zeros(len(sample_p), bool)
+    for s in range(0, len(ref_p), rb):
+        rows_in, cols_in = _inside_block(jnp.asarray(ref_p[s:s + rb]),
+                                         jnp.asarray(ref_radii_p[s:s + rb]), col_blocks, col_radii)
+        ref_in[s:s + rb] = np.asarray(rows_in)
+        sample_in |= np.asarray(cols_in).reshape(-1)
+    return float(sample_in[:n_sample].mean()), float(ref_in[:n_ref].mean())
+
+
+#### Streaming feature statistics ####
+
+
+@dataclasses.dataclass
+class FeatureStats:
+    """Everything the metrics need from one set of images, accumulated batch by batch.
+
+    ``pool``/``spatial`` are Gaussian statistics over all images; ``pool_sample`` and
+    ``logits_sample`` keep the first ``max_sample`` images' pool features (precision/recall) and
+    logits (Inception Score), in arrival order. ``logits_sample`` is None when the extractor has
+    no classifier head.
+    """
+
+    pool: GaussianStats
+    spatial: GaussianStats
+    pool_sample: np.ndarray
+    logits_sample: np.ndarray | None
+    max_sample: int
+
+    @classmethod
+    def empty(cls, max_sample: int, pool_dim: int = 2048, spatial_dim: int = 2023,
+              logits_dim: int | None = None) -> FeatureStats:
+        """No images yet; ``logits_dim`` None means no logits are kept."""
+        logits = None if logits_dim is None else np.zeros((0, logits_dim), np.float32)
+        return cls(GaussianStats.empty(pool_dim), GaussianStats.empty(spatial_dim),
+                   np.zeros((0, pool_dim), np.float32), logits, int(max_sample))
+
+    @property
+    def count(self) -> int:
+        return self.pool.count
+
+    def update(self, features: dict[str, np.ndarray]) -> FeatureStats:
+        """These statistics with a batch of extractor outputs folded in.
+
+        Args:
+          features: {'pool': (N, 2048), 'spatial': (N, 2023)[, 'logits': (N, C)]}.
+        """
+        logits = features.get("logits")
+        if (logits is None) != (self.logits_sample is None):
+            raise ValueError("FeatureStats expects logits exactly when created with logits_dim.")
+        if len(features["pool"]) == 0:
+            return self
+        batch = FeatureStats(
+            GaussianStats.from_features(features["pool"]),
+            GaussianStats.from_features(features["spatial"]),
+            np.asarray(features["pool"], np.float32),
+            None if logits is None else np.asarray(logits, np.float32), self.max_sample)
+        return self.merge(batch)
+
+    def merge(self, other: FeatureStats) -> FeatureStats:
+        """Statistics of both sets; samples kept in order self, other up to ``max_sample``."""
+        if (self.logits_sample is None) != (other.logits_sample is None):
+            raise ValueError("Cannot merge FeatureStats with and without logits.")
+        keep = self.max_sample
+        logits = None if self.logits_sample is None else np.concatenate(
+            [self.logits_sample, other.logits_sample])[:keep]
+        return FeatureStats(self.pool.merge(other.pool), self.spatial.merge(other.spatial),
+                            np.concatenate([self.pool_sample, other.pool_sample])[:keep],
+                            logits, keep)
+
+
+def _allgather_exact(x: np.ndarray) -> np.ndarray:
+    """process_allgather without the float64 -> float32 cast (JAX runs without x64).
+
+    The bytes travel as uint32 words (zero-padded to a multiple of 4) and are viewed back, so
+    float64 sums and uint8 images arrive bit for bit.
+    """
+    from jax.experimental import multihost_utils
+
+    x = np.ascontiguousarray(x)
+    raw = x.reshape(-1).view(np.uint8)
+    words = np.zeros((-(-raw.size // 4) * 4,), np.uint8)
+    words[:raw.size] = raw
+    gathered = np.asarray(multihost_utils.process_allgather(words.view(np.uint32)))
+    gathered = gathered.view(np.uint8)[:, :raw.size]
+    return np.ascontiguousarray(gathered).view(x.dtype).reshape(gathered.shape[0], *x.shape)
+
+
+def allgather_rows(x: np.ndarray, max_rows: int) -> list[np.ndarray]:
+    """Every process's (n_p, ...) array, in process order (a collective; n_p <= max_rows may
+    differ between processes)."""
+    counts = _allgather_exact(np.asarray([len(x)], np.int64))[:, 0]
+    padded = np.zeros((max_rows, *x.shape[1:]), x.dtype)
+    padded[:len(x)] = x
+    return [rows[:n] for rows, n in zip(_allgather_exact(padded), counts)]
+
+
+def merge_across_processes(stats: FeatureStats, max_sample: int | None = None) -> FeatureStats:
+    """Combines every process's FeatureStats (a collective: all processes must call it).
+
+    Only the statistics and the capped samples travel (about 2 x 32 MB of float64 scatter plus
+    the samples), never images. Processes are merged in index order, so every process returns
+    the same result.
+
+    Args:
+      stats: this process's statistics (each process may cap its samples at its share).
+      max_sample: cap of the combined samples; default ``stats.max_sample`` times the number of
+        processes.
+
+    Returns:
+      The statistics of all processes' images together.
+    """
+    if max_sample is None:
+        max_sample = stats.max_sample * jax.process_count()
+    if jax.process_count() == 1:
+        return dataclasses.replace(stats, max_sample=max_sample)
+
+    def gaussian(g: GaussianStats) -> list[GaussianStats]:
+        counts = _allgather_exact(np.asarray([g.count], np.int64))[:, 0]
+        return [GaussianStats(int(c), m, s) for c, m, s in
+                zip(counts, _allgather_exact(g.mean), _allgather_exact(g.scatter))]
+
+    pools, spatials = gaussian(stats.pool), gaussian(stats.spatial)
+    samples = allgather_rows(stats.pool_sample, stats.max_sample)
+    logits = (None if stats.logits_sample is None
+              else allgather_rows(stats.logits_sample, stats.max_sample))
+    total = FeatureStats.empty(max_sample, stats.pool.mean.shape[0],
+                               stats.spatial.mean.shape[0],
+                               None if logits is None else stats.logits_sample.shape[1])
+    for p in range(len(pools)):
+        total = total.merge(FeatureStats(pools[p], spatials[p], samples[p],
+                                         None if logits is None else logits[p], max_sample))
+    return total
