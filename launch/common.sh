@@ -39,3 +39,25 @@ require() {
     echo "# checked $name=${!name}"
   fi
 }
+
+# Prints the running script's header comment, which is its usage.
+usage() {
+  sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
+}
+
+# Parses "[--dry-run] COMMAND [--dry-run]" into the globals COMMAND and DRY_RUN.
+parse_command_line() {
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      --dry-run) DRY_RUN=1; shift ;;
+      -h|--help) usage; exit 0 ;;
+      -*) echo "error: unknown option $1" >&2; usage >&2; exit 2 ;;
+      *) break ;;
+    esac
+  done
+  COMMAND=${1:-}
+  if [[ $# -gt 0 ]]; then shift; fi
+  if [[ $# -gt 0 ]]; then
+    case "$1" in --dry-run) DRY_RUN=1 ;; *) echo "error: unexpected argument $1" >&2; exit 2 ;; esac
+  fi
+}

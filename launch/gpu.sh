@@ -31,23 +31,7 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 REPO_ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
-usage() {
-  sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
-}
-
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --dry-run) DRY_RUN=1; shift ;;
-    -h|--help) usage; exit 0 ;;
-    -*) echo "error: unknown option $1" >&2; usage >&2; exit 2 ;;
-    *) break ;;
-  esac
-done
-COMMAND=${1:-}
-[[ $# -gt 0 ]] && shift
-if [[ $# -gt 0 ]]; then
-  case "$1" in --dry-run) DRY_RUN=1 ;; *) echo "error: unexpected argument $1" >&2; exit 2 ;; esac
-fi
+parse_command_line "$@"
 
 require CONFIG "the config, e.g. configs/imagenet256.py"
 require WORKDIR "the run directory, on storage every node sees (shared filesystem or gs://)"

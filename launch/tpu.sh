@@ -37,23 +37,7 @@ REMOTE_VENV='~/pdm_jax_venv'
 REMOTE_LOGS='~/pdm_jax_logs'
 PYTHON_VERSION=python3.11        # jax 0.10 needs Python >= 3.11; Ubuntu 22.04 images have 3.10
 
-usage() {
-  sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
-}
-
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --dry-run) DRY_RUN=1; shift ;;
-    -h|--help) usage; exit 0 ;;
-    -*) echo "error: unknown option $1" >&2; usage >&2; exit 2 ;;
-    *) break ;;
-  esac
-done
-COMMAND=${1:-}
-[[ $# -gt 0 ]] && shift
-if [[ $# -gt 0 ]]; then
-  case "$1" in --dry-run) DRY_RUN=1 ;; *) echo "error: unexpected argument $1" >&2; exit 2 ;; esac
-fi
+parse_command_line "$@"
 
 require PROJECT "the Google Cloud project id"
 require ZONE "the zone of the slice, e.g. us-central2-b (v4) or us-west4-a (v5e)"

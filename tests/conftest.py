@@ -21,3 +21,27 @@ GOLDEN_DIR = pathlib.Path(__file__).parent / "golden"
 @pytest.fixture(scope="session")
 def golden_dir() -> pathlib.Path:
     return GOLDEN_DIR
+
+
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory):
+    """A persistent XLA compilation cache for one test module (and the subprocesses it starts).
+
+    Tests that build the same jitted program several times (train() calls, a fresh process
+    loading an export, two feature functions of one network) then compile it once. Threshold 0:
+    orbax's checkpoint writes also jit hundreds of tiny slices, and loading those is cheaper
+    than compiling them again. Yields the cache directory; restores the previous settings.
+    """
+    from jax.experimental.compilation_cache import compilation_cache
+
+    path = str(tmp_path_factory.mktemp("xla_cache"))
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    previous = {name: getattr(jax.config, name) for name in names}
+    for name, value in zip(names, (path, 0.0, 0)):
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+    yield path
+    for name, value in previous.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()

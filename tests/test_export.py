@@ -22,13 +22,13 @@ import jax
 import numpy as np
 import pytest
 import safetensors.numpy
-from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
 from pdm_jax import export, export_format, sample, train
 from pdm_jax.inference import Pipeline
 
-pytestmark = pytest.mark.slow  # the module fixture trains (one train-step compile)
+# The module fixture trains (one train-step compile); every test shares one XLA cache.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("xla_cache")]
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EXPERTS = ("snr_0.25_inf", "snr_0_0.25")  # the smoke ensemble's expert names
@@ -40,22 +40,6 @@ def demo_config(arg: str = "smoke"):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def xla_cache(tmp_path_factory):
-    """A persistent compilation cache for this module and the subprocess it starts."""
-    path = str(tmp_path_factory.mktemp("xla_cache"))
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    previous = {name: getattr(jax.config, name) for name in names}
-    for name, value in zip(names, (path, 0.0, 0)):
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-    yield path
-    for name, value in previous.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")

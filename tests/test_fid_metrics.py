@@ -397,24 +397,6 @@ def test_eval_mode_samples_and_scores_against_the_reference(reference, tmp_path,
 #### The real Inception graph (one compiled program: batches of 8 images of 32x32) ####
 
 
-@pytest.fixture(scope="module")
-def xla_cache(tmp_path_factory):
-    """A persistent compilation cache, so both real-Inception tests compile the network once
-    (their feature functions are distinct jits of the same program)."""
-    from jax.experimental.compilation_cache import compilation_cache
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    previous = {name: getattr(jax.config, name) for name in names}
-    for name, value in zip(names, (str(tmp_path_factory.mktemp("xla_cache")), 0.0, 0)):
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-    yield
-    for name, value in previous.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-
-
 def random_inception_weights():
     from pdm_jax.evaluation import inception
 

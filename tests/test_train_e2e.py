@@ -23,7 +23,6 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
 from pdm_jax import checkpointing, config_lib, sample, sharding, train, train_state
@@ -36,6 +35,9 @@ N = 4  # steps of the first half of the resume test; ckpt.every = N
 BATCH = 16  # the smoke config's global batch
 MOCK_EXAMPLES = 40  # the resume point N * BATCH = 64 lies inside epoch 1 (offset 24)
 OVERFIT_STEPS = 30
+
+# Every train() call here lowers the same train step: one persistent XLA cache for the module.
+pytestmark = pytest.mark.usefixtures("xla_cache")
 
 
 def demo_config(arg: str = "smoke"):
@@ -143,26 +145,6 @@ def compiled_train_step(config):
 
 
 #### Module fixtures: one XLA cache, one image folder, two sets of runs ####
-
-
-@pytest.fixture(scope="module", autouse=True)
-def xla_cache(tmp_path_factory):
-    """A persistent compilation cache for this module (and the subprocess it starts).
-
-    Threshold 0: orbax's checkpoint writes also jit hundreds of tiny slices, and loading those
-    is cheaper than compiling them again in each train() call.
-    """
-    path = str(tmp_path_factory.mktemp("xla_cache"))
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    previous = {name: getattr(jax.config, name) for name in names}
-    for name, value in zip(names, (path, 0.0, 0)):
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-    yield path
-    for name, value in previous.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")
