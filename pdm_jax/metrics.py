@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -97,6 +98,17 @@ def format_duration(seconds: float) -> str:
         return "?"
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+
+def save_npz_atomically(path: str, arrays: dict[str, np.ndarray]) -> None:
+    """Writes ``arrays`` as one .npz (local or gs://) through a temporary file renamed at the
+    end, so a reader never sees a half-written file."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    tmp = f"{path}.tmp"
+    with tf.io.gfile.GFile(tmp, "wb") as f:
+        f.write(buffer.getvalue())
+    tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 def save_png(path: str, image: np.ndarray, min_size: int = 256) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import jax
@@ -85,12 +84,7 @@ def load_expert_ema(workdir: str, expert_index: int, mesh: Mesh,
 
 def write_npz(path: str, images: np.ndarray, labels: np.ndarray) -> None:
     """Writes ``arr_0`` uint8 NHWC and ``arr_1`` labels (ADM evaluator layout), atomically."""
-    buffer = io.BytesIO()
-    np.savez(buffer, arr_0=images, arr_1=labels)
-    tmp = f"{path}.tmp"
-    with tf.io.gfile.GFile(tmp, "wb") as f:
-        f.write(buffer.getvalue())
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    metrics.save_npz_atomically(path, {"arr_0": images, "arr_1": labels})
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:

@@ -12,13 +12,13 @@ pool_3 features of the ``arr_0`` images, so precision/recall need no Inception p
 from __future__ import annotations
 
 import dataclasses
-import io
 import zipfile
 from collections.abc import Iterator
 
 import numpy as np
 import tensorflow as tf
 
+from pdm_jax import metrics as run_metrics
 from pdm_jax.evaluation import metrics
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
@@ -159,9 +159,4 @@ def save_reference(path: str, stats: metrics.FeatureStats, images: np.ndarray | 
         if len(images) != len(stats.pool_sample):
             raise ValueError(f"{len(images)} images but {len(stats.pool_sample)} features.")
         arrays["arr_0"] = images
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    tmp = f"{path}.tmp"
-    with tf.io.gfile.GFile(tmp, "wb") as f:
-        f.write(buffer.getvalue())
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    run_metrics.save_npz_atomically(path, arrays)
