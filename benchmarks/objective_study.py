@@ -3,7 +3,7 @@
 The same small class-conditional U-Net (same widths; attention at the lowest patched level) is
 trained for the same number of steps on the OpenMoji demo set with each parameterisation
 (``config.diffusion.parameterization``) and each patch size, through the project's own train step
-(``pdm_jax.train.make_train_step``: hybrid loss, the x0-space sqrt(SNR) weighting for every
+(``pdm_jax.train_step.make_train_step``: hybrid loss, the x0-space sqrt(SNR) weighting for every
 parameterisation, EMA). Each model is then scored by the unweighted x0 MSE of its EMA weights,
 E||x0 - x0_hat(z_t, t)||^2 per pixel, on a fixed set of demo images and fixed noise at fixed t.
 Prints JSON (and a short table on stderr).
@@ -28,7 +28,7 @@ from flax import nnx
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from pdm_jax import config_lib, sharding, train, train_state  # noqa: E402
+from pdm_jax import config_lib, sharding, train_state, train_step  # noqa: E402
 from pdm_jax.data import pipeline  # noqa: E402
 from pdm_jax.diffusion import losses  # noqa: E402
 from pdm_jax.diffusion.schedules import Schedule  # noqa: E402
@@ -83,7 +83,7 @@ def train_and_score(config, eval_data: dict, eval_t: list[int]) -> dict:
     graphdef = train_state.model_graphdef(expert.model)
     _, shardings = train_state.state_shardings(expert.model, tx, mesh, config.seed)
     state = {expert.name: train_state.create_state(expert.model, tx, mesh, config.seed)}
-    step_fn = jax.jit(train.make_train_step(config, experts, [graphdef], [tx], schedule),
+    step_fn = jax.jit(train_step.make_train_step(config, experts, [graphdef], [tx], schedule),
                       in_shardings=({expert.name: shardings}, sharding.batch_sharding(mesh)),
                       donate_argnums=0)
     batches = pipeline.iterate_numpy(pipeline.make_train_dataset(

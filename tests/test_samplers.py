@@ -314,3 +314,33 @@ def test_bad_arguments_raise():
         samplers.sample_loop(model_fn, guidance_scale=2.0, **kw)
     with pytest.raises(ValueError, match="'eps2'.*x0"):
         samplers.sample_loop(model_fn, parameterization="eps2", **kw)
+
+
+@pytest.mark.parametrize("parameterization", ["eps", "v"])
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_every_parameterization_samples_like_x0_given_the_same_exact_model(parameterization,
+                                                                           guidance_scale):
+    """The exact two-point denoiser, re-expressed as an eps or v output at the original t, must
+    give the x0 model's samples (same key, DDPM and guidance paths): catches a conversion or
+    timestep-indexing slip that only the eps/v read-outs of a trained network would show."""
+    a_pt, p, null = 0.5, 0.3, 3
+
+    def model_fn(param):
+        def fn(x, t, y):
+            x0 = two_point_denoiser(x, t, a_pt, p)
+            if param == "eps":
+                return losses.eps_from_x0(FULL, x, t, x0), None
+            if param == "v":
+                return losses.v_from_x0(FULL, x, t, x0), None
+            return x0, None
+        return fn
+
+    def run(param):
+        fn = functools.partial(
+            samplers.sample_loop, model_fn(param), shape=(16, 8, 8, 1),
+            schedule=FULL.respace("50"), sampler="ddpm", learn_sigma=False,
+            parameterization=param, labels=jnp.zeros((16,), jnp.int32), null_label=null,
+            guidance_scale=guidance_scale)
+        return np.asarray(jax.jit(fn)(key(5)))
+
+    np.testing.assert_allclose(run(parameterization), run("x0"), atol=2e-4)

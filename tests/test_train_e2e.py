@@ -25,7 +25,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from pdm_jax import checkpointing, config_lib, sample, sharding, train, train_state
+from pdm_jax import checkpointing, config_lib, sample, sharding, train, train_state, train_step
 from pdm_jax.data import pipeline
 from pdm_jax.diffusion.schedules import Schedule
 from pdm_jax.experts import experts_from_config
@@ -136,7 +136,7 @@ def compiled_train_step(config):
                  for e, tx in zip(experts, txs)}
     schedule = Schedule.from_name(config.diffusion.schedule, config.diffusion.num_timesteps)
     graphdefs = [train_state.model_graphdef(e.model) for e in experts]
-    step_fn = jax.jit(train.make_train_step(config, experts, graphdefs, txs, schedule),
+    step_fn = jax.jit(train_step.make_train_step(config, experts, graphdefs, txs, schedule),
                       in_shardings=(shardings, sharding.batch_sharding(mesh)),
                       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
     initial = {e.name: train_state.create_state(e.model, tx, mesh, config.seed + e.index)
