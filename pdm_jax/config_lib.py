@@ -73,8 +73,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.experts = []
     c.optim = dict(lr=1e-4, warmup_steps=5_000, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0,
                    grad_clip=0.0)
+    # fid_every > 0: FID/sFID/precision/recall of fid_num_samples EMA samples (respacing
+    # fid_steps, the sample section's sampler and guidance) against eval.ref_path every fid_every
+    # steps and at the end, written with the other scalars as eval/fid etc. (needs the eval
+    # section's inception_path and ref_path).
     c.train = dict(expert=-1, num_steps=100_000, batch_size=256, log_every=100, sample_every=5_000,
-                   ema_decay=0.9999, label_dropout=0.1, grid_size=16, grid_steps="50")
+                   ema_decay=0.9999, label_dropout=0.1, grid_size=16, grid_steps="50",
+                   fid_every=0, fid_num_samples=1_000, fid_steps="50")
     c.sample = dict(num_samples=64, batch_size=64, steps="250", sampler="ddpm", eta=0.0,
                     guidance_scale=1.5, name="", seed=0)
     c.ckpt = dict(every=5_000, keep=3, async_save=True)

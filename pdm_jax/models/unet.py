@@ -8,7 +8,7 @@ All resolutions below are PATCHED resolutions (image_size / patch_size).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
