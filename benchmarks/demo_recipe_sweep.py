@@ -84,6 +84,11 @@ def recipe_config(name: str, smoke: bool):
         if smoke and section == "model":
             overrides = {k: v for k, v in overrides.items() if k == "learn_sigma"}
         config[section].update(overrides)
+    if smoke:  # A micro U-Net that compiles in seconds: the smoke run checks the plumbing only.
+        config.model.update(model_channels=16, channel_mult=(1,), attention_resolutions=(),
+                            num_head_channels=16, num_groups=8)
+        for expert in config.experts:
+            expert.get("model", {}).pop("channel_mult", None)
     config.mesh.shape = (-1, 1)
     config_lib.validate(config)
     return config

@@ -132,6 +132,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          ("ckpt", "every"), ("ckpt", "keep"), ("sample", "batch_size")):
         if config[section][key] <= 0:
             raise ValueError(f"{section}.{key} must be positive, got {config[section][key]}.")
+    if config.train.fid_every < 0:
+        raise ValueError(f"train.fid_every must be >= 0 (0: off), got {config.train.fid_every}.")
     if not 0.0 <= config.train.ema_decay < 1.0:
         raise ValueError(f"train.ema_decay must be in [0, 1), got {config.train.ema_decay}.")
     if not 0.0 <= config.train.label_dropout < 1.0:

@@ -21,8 +21,6 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-
 from pdm_jax.evaluation import metrics, npz_stats  # noqa: E402
 
 

@@ -84,9 +84,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             raise ValueError(f"data {config.data.name!r} has {data_classes} classes but "
                              f"model.num_classes={num_classes}; set model.num_classes >= "
                              f"{data_classes}.")
-    if t_cfg.fid_every < 0:
-        raise ValueError(f"train.fid_every must be >= 0 (0: off), got {t_cfg.fid_every}.")
-    if t_cfg.fid_every:
+    if t_cfg.fid_every > 0:
         eval_run.check_periodic_fid(config)
     tf.io.gfile.makedirs(workdir)
     if jax.process_index() == 0:

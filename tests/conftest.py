@@ -45,3 +45,16 @@ def xla_cache(tmp_path_factory):
     for name, value in previous.items():
         jax.config.update(name, value)
     compilation_cache.reset_cache()
+
+
+# The test files whose module fixtures train or compile large programs, longest first. With
+# `-n 2 --dist loadfile` xdist hands out whole files in collection order, so starting the long
+# ones first keeps both workers busy to the end instead of one finishing a long file alone.
+LONG_FILES = ("test_train_e2e.py", "test_export.py", "test_multiprocess.py",
+              "test_fid_metrics.py", "test_inception.py", "test_benchmarks.py",
+              "test_topology_restore.py", "test_analysis.py", "test_main_cli.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))

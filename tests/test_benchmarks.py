@@ -68,3 +68,24 @@ def test_bad_arguments_fail_fast():
             runpy.run_path(str(BENCHMARKS / "objective_study.py"), run_name="__main__")
     finally:
         sys.argv = argv
+
+
+def test_demo_recipe_sweep(capsys, tmp_path):
+    out = run_script("demo_recipe_sweep.py", capsys, "--recipes=x0_b16_lr2e3",
+                     f"--out={tmp_path}")
+    assert out["failed"] == []
+    (r,) = out["results"]
+    assert r["recipe"] == "x0_b16_lr2e3" and r["steps"] == 4 and r["batch_size"] == 16
+    assert sorted(r["grids"]) == ["2", "4"] and all(pathlib.Path(p).exists()
+                                                    for p in r["grids"].values())
+    assert r["train_steps_per_s"] > 0 and (tmp_path / "contact_sheet.png").exists()
+
+
+def test_demo_recipe_sweep_rejects_an_unknown_recipe():
+    argv = sys.argv
+    try:
+        sys.argv = ["demo_recipe_sweep.py", "--smoke", "--recipes=demo,nope"]
+        with pytest.raises(ValueError, match="nope"):
+            runpy.run_path(str(BENCHMARKS / "demo_recipe_sweep.py"), run_name="__main__")
+    finally:
+        sys.argv = argv

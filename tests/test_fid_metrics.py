@@ -424,6 +424,7 @@ def test_training_with_fid_and_no_reference_fails_before_compiling(reference, tm
     _, config = reference
     config = copy.deepcopy(config)
     config.train.fid_every = 2
+    config.eval.ref_path = ""
     monkeypatch.setattr(train_state, "create_state", lambda *a, **k: pytest.fail("compiled"))
     with pytest.raises(ValueError, match="eval.ref_path is empty .train.fid_every=2"):
         train.train(config, str(tmp_path))

@@ -71,6 +71,8 @@ def test_summary_prints_the_table_and_writes_summary_json(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("--config.model.patch_size=3", "patch_size=3 does not divide image_size=16"),
     ("--config.diffusion.schedule=bogus", "unknown beta schedule 'bogus'"),
+    ("--config.train.fid_every=-1", "train.fid_every must be >= 0"),
+    ("--config.train.fid_every=5", "config.eval.inception_path is empty"),
 ])
 def test_bad_config_values_fail_with_a_clear_message_before_anything_runs(
         tmp_path, override, message):
