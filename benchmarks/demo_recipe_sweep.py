@@ -147,7 +147,7 @@ def run_recipe(name: str, data_path: str, steps: int, snapshots: list[int], out:
     schedule = Schedule.from_name(config.diffusion.schedule, config.diffusion.num_timesteps)
     txs = [train_state.make_optimizer(e.optim) for e in experts]
     graphdefs = [train_state.model_graphdef(e.model) for e in experts]
-    state = {e.name: train_state.create_state(e.model, tx, mesh, config.seed)
+    state = {e.name: train_state.create_state(e.model, tx, mesh, config.seed + e.index)
              for e, tx in zip(experts, txs)}
     step_fn = jax.jit(train_step.make_train_step(config, experts, graphdefs, txs, schedule),
                       donate_argnums=0)

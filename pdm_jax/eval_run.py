@@ -124,7 +124,8 @@ def make_scorer(config: ml_collections.ConfigDict, mesh: Any, *, num_samples: in
 
     def score(emas: Sequence[Any]) -> dict[str, Any]:
         stats = features.empty_stats(extractor, max_sample=local_cap)
-        rng = jax.random.PRNGKey(s.seed)  # As --mode=sample: batch `start` uses fold_in(rng, start).
+        # As --mode=sample: batch `start` uses fold_in(rng, start).
+        rng = jax.random.PRNGKey(s.seed)
         t0 = time.time()
         for start in range(0, num_samples, e.batch_size):
             labels = sample.balanced_labels(start, e.batch_size, num_classes)
