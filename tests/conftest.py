@@ -51,7 +51,7 @@ def xla_cache(tmp_path_factory):
 # `-n 2 --dist loadfile` xdist hands out whole files in collection order, so starting the long
 # ones first keeps both workers busy to the end instead of one finishing a long file alone.
 LONG_FILES = ("test_train_e2e.py", "test_export.py", "test_multiprocess.py",
-              "test_fid_metrics.py", "test_inception.py", "test_benchmarks.py",
+              "test_fid_metrics.py", "test_experts.py", "test_inception.py", "test_benchmarks.py",
               "test_topology_restore.py", "test_analysis.py", "test_main_cli.py")
 
 
