@@ -69,6 +69,14 @@ RECIPES: dict[str, dict] = {
 }
 
 
+def demo_config(arg: str = ""):
+    """``configs/demo.py``'s get_config(arg), imported by path (configs/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("configs_demo", REPO / "configs" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
 def recipe_config(name: str, smoke: bool):
     """configs/demo.py with recipe ``name``'s overrides (smoke: the 16x16 test size)."""
     from pdm_jax import config_lib
@@ -76,10 +84,7 @@ def recipe_config(name: str, smoke: bool):
         raise ValueError(f"Unknown recipe {name!r}; known: {sorted(RECIPES)}")
     recipe = dict(RECIPES[name])
     arg = ",".join(filter(None, [recipe.pop("arg", ""), "smoke" if smoke else ""]))
-    spec = importlib.util.spec_from_file_location("configs_demo", REPO / "configs" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg)
+    config = demo_config(arg)
     for section, overrides in recipe.items():
         if smoke and section == "model":
             overrides = {k: v for k, v in overrides.items() if k == "learn_sigma"}
@@ -98,10 +103,7 @@ def dump_data(path: str, image_size: int) -> None:
     """Writes every demo image once (uint8 NHWC, int32 labels) through the data pipeline."""
     import hashlib
     from pdm_jax.data import pipeline
-    spec = importlib.util.spec_from_file_location("configs_demo", REPO / "configs" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    data = dict(module.get_config().data.to_dict(), random_flip=False, image_size=image_size)
+    data = dict(demo_config().data.to_dict(), random_flip=False, image_size=image_size)
     stream = pipeline.iterate_numpy(pipeline.make_train_dataset(
         data, global_batch_size=256, seed=0, process_index=0, process_count=1))
     images, labels, seen = [], [], set()
