@@ -116,7 +116,7 @@ $REMOTE_VENV/bin/python -c 'import jax; print(jax.process_index(), jax.device_co
     ssh_workers all "mkdir -p $REMOTE_LOGS && cd $REMOTE_REPO && \
 if [ -f $REMOTE_LOGS/train.pid ] && kill -0 \$(cat $REMOTE_LOGS/train.pid) 2>/dev/null; then \
 echo \"\$(hostname): training already running (pid \$(cat $REMOTE_LOGS/train.pid))\" >&2; exit 1; fi; \
-nohup $REMOTE_VENV/bin/python -m pdm_jax.main --config=$config --workdir=$workdir$extra \
+PDM_JAX_CLOUD_TPU=1 nohup $REMOTE_VENV/bin/python -m pdm_jax.main --config=$config --workdir=$workdir$extra \
 >> $REMOTE_LOGS/train_\$(hostname).log 2>&1 < /dev/null & echo \$! > $REMOTE_LOGS/train.pid; \
 echo \"\$(hostname): started pid \$(cat $REMOTE_LOGS/train.pid)\""
     ;;

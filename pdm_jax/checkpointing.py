@@ -1,47 +1,49 @@
 """Checkpoints: the only module that talks to orbax.
 
-One checkpoint step holds two items (orbax composite args):
-  * 'state': the train state, any pytree of (sharded) jax.Arrays, e.g.
-    {'params', 'opt_state' (optax namedtuples welcome), 'ema', 'step', 'rng'}.
-    Written with StandardSave (tensorstore/OCDBT): every process writes its own shards.
-  * 'meta': a JSON dict: the caller's metadata (e.g. {'data_position': {...}}) plus
-    'config_fingerprint' and 'config_json' of the run that wrote it.
+Layout: ``WORKDIR/checkpoints/<expert name>/<step>/`` per expert, each step holding two orbax
+items: 'state' (the train state pytree; tensorstore/OCDBT, every process writes its own shards)
+and 'meta' (JSON: the caller's metadata, e.g. the data position, plus the expert's checkpoint
+signature, so a restore under another architecture names the keys that differ).
 
 Guarantees:
-  * Atomic: orbax writes into '<step>.orbax-checkpoint-tmp-*' and renames it to '<step>' only
-    after every file is written (on GCS a commit_success.txt marks completion instead).
-    A process killed mid-save leaves the previous finalised step as latest_step(); the
-    unfinished directory is ignored and removed when the next Checkpointer opens the directory.
-  * Topology-free restore: restore() takes an abstract target whose ShapeDtypeStructs carry
-    shardings for the CURRENT mesh, so a run can resume on a different device count or
-    data/fsdp split.
-  * Clear refusals: restoring under a different config fingerprint, or into a tree whose
-    structure/shapes differ from the stored one, raises ValueError before any array is read;
-    saving a state with NaN/Inf raises ValueError instead of overwriting good checkpoints.
-  * Preemption: a SIGTERM handler (single process) or JAX's preemption sync point (multi-host)
-    makes should_stop(step) true, so the loop saves (force=True) and exits; close() waits for
-    the async write.
+  * Atomic steps: orbax writes ``<step>.orbax-checkpoint-tmp-*`` and renames it when complete
+    (on GCS, where renames are not atomic, ``commit_success.txt`` marks completion). A step
+    directory without its commit files (empty, foreign, cut short) is never read: it is moved
+    aside to ``<step>.incomplete-<time>`` with a warning naming it.
+  * One step = one consistent set of experts: :class:`ExpertCheckpoints` saves every trained
+    expert at the same steps, resumes from the newest step that EVERY one of them committed
+    (discarding newer steps that only some committed, e.g. after a kill inside an async save),
+    and deletes old steps itself, only once a newer complete set exists.
+  * Topology-free restore: the restore target carries shardings for the CURRENT mesh.
+  * Clear refusals: another architecture, another tree, or a state holding NaN/Inf.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+from jax.sharding import Mesh
 
-from pdm_jax.sharding import keypath_str
+from pdm_jax import config_lib
+from pdm_jax.sharding import path_str
+from pdm_jax.training.state import ExpertSetup, State, setup_expert
 
 _STATE, _META = "state", "meta"
-_RESERVED_META_KEYS = ("config_fingerprint", "config_json")
+_SIGNATURE_KEY = "checkpoint_signature"
+CONFIG_FILE = "config.json"
+
+
+#### Helpers ####
 
 
 @jax.jit
@@ -51,17 +53,10 @@ def _finite_flags(leaves: list[jax.Array]) -> jax.Array:
 
 
 def _first_non_finite(state: Any) -> str | None:
-    """Returns the path of the first floating leaf holding NaN/Inf, or None if all are finite.
-
-    Cost: one read of the floating leaves on device (memory-bound, far cheaper than the write
-    that follows) and a transfer of one bool per leaf.
-    """
-    named = [
-        (keypath_str(path), leaf)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
-        if jnp.issubdtype(leaf.dtype if hasattr(leaf, "dtype") else np.result_type(leaf),
-                          jnp.inexact)
-    ]
+    """The path of the first floating leaf holding NaN/Inf, or None if all are finite."""
+    named = [(path_str(path), leaf)
+             for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
+             if jnp.issubdtype(getattr(leaf, "dtype", np.result_type(leaf)), jnp.inexact)]
     if not named:
         return None
     flags = np.asarray(jax.device_get(_finite_flags([leaf for _, leaf in named])))
@@ -69,7 +64,7 @@ def _first_non_finite(state: Any) -> str | None:
     return named[bad[0]][0] if bad.size else None
 
 
-def _expected_stored_shape(leaf: Any) -> tuple[int, ...]:
+def _stored_shape(leaf: Any) -> tuple[int, ...]:
     """Shape orbax stores for a target leaf: typed PRNG keys are stored as their key data."""
     dtype = getattr(leaf, "dtype", None)
     if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
@@ -77,103 +72,83 @@ def _expected_stored_shape(leaf: Any) -> tuple[int, ...]:
     return tuple(np.shape(leaf))
 
 
-def _differing_top_level_keys(stored_json: str, current_json: str) -> list[str]:
-    stored, current = json.loads(stored_json), json.loads(current_json)
-    if not (isinstance(stored, dict) and isinstance(current, dict)):
-        return []
-    return sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k))
-
-
 def wait_for_all_processes(name: str, timeout_s: int = 3600) -> None:
     """Blocks until every process has called this with the same `name`; no-op for one process.
 
-    A coordination-service barrier (orbax's), not a device collective: it is the way to line
-    processes up BEFORE their first collective, which on the CPU backend (gloo) gives up when
-    the processes reach it more than 30 s apart.
-
-    Args:
-      name: barrier name, the same on every process.
-      timeout_s: how long to wait for the slowest process.
-
-    Returns:
-      None, once all processes arrived.
+    A coordination-service barrier, not a device collective: the way to line processes up
+    BEFORE their first collective (the CPU backend's gloo gives up when they arrive > 30 s apart).
     """
     if jax.process_count() > 1:
         ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)
 
 
-class Checkpointer:
-    """Saves and restores (train state, JSON metadata) per step with orbax.
+def _is_complete_step(step_dir: epath.Path) -> bool:
+    """Whether a step directory holds a finished checkpoint of both items."""
+    required = ["_CHECKPOINT_METADATA", f"{_STATE}/_METADATA", f"{_META}/metadata"]
+    if "://" in str(step_dir):  # object stores: renames are not atomic, commit markers decide
+        required += ["commit_success.txt", f"{_STATE}/commit_success.txt"]
+    return all((step_dir / name).exists() for name in required)
 
-    Example:
-      ckpt = Checkpointer(workdir + '/checkpoints', config_fingerprint=fp, config_json=cj)
-      ckpt.install_sigterm_handler()
-      if ckpt.latest_step() is not None:
-          state, meta = ckpt.restore(abstract_state)
-      for step in ...:
-          ...
-          stop = ckpt.should_stop(step)
-          ckpt.save(step, state, {'data_position': ...}, force=stop)
-          if stop:
-              break
-      ckpt.close()
+
+def _set_aside_incomplete_steps(directory: epath.Path) -> None:
+    """Renames step directories that are not complete checkpoints out of orbax's sight."""
+    if jax.process_index() != 0 or not directory.exists():
+        return
+    for step_dir in directory.iterdir():
+        if step_dir.name.isdigit() and not _is_complete_step(step_dir):
+            aside = step_dir.parent / f"{step_dir.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}"
+            logging.warning("%s is not a complete checkpoint (no commit files: killed or "
+                            "concurrent writer?); moving it aside to %s and resuming from the "
+                            "newest complete step.", step_dir, aside.name)
+            step_dir.rename(aside)
+
+
+#### One directory ####
+
+
+class Checkpointer:
+    """Saves and restores (train state, JSON metadata) per step in one directory with orbax.
+
+    Keeps every step: old steps are deleted explicitly (:meth:`delete`), by
+    :class:`ExpertCheckpoints` once a newer complete set of experts exists.
     """
 
-    def __init__(
-        self,
-        directory: str,
-        *,
-        max_to_keep: int = 3,
-        save_interval_steps: int = 1,
-        async_save: bool = True,
-        config_fingerprint: str | None = None,
-        config_json: str | None = None,
-    ) -> None:
+    def __init__(self, directory: str, *, save_interval_steps: int = 1, async_save: bool = True,
+                 signature: Mapping[str, Any] | None = None, writer: bool = False) -> None:
         """Opens (and creates) a checkpoint directory.
 
         Args:
           directory: local path or gs:// URL.
-          max_to_keep: number of most recent steps kept; older ones are deleted.
-          save_interval_steps: save() without force only writes steps divisible by this.
-          async_save: if True, save() returns once arrays are copied to host memory and the
-            write continues in a background thread.
-          config_fingerprint: identifies the config of this run; a restore from a checkpoint
-            with another fingerprint is refused.
-          config_json: the config as JSON; stored so a refusal can name the differing keys.
+          save_interval_steps: save() without force writes only steps divisible by this.
+          async_save: save() returns once arrays are in host memory; the write continues in a
+            background thread.
+          signature: what the stored arrays depend on (``training.state.checkpoint_signature``);
+            a restore of a checkpoint with another signature is refused, naming the keys.
+          writer: this process owns the directory (the training run holding the workdir's
+            lease): incomplete step directories are moved aside. Readers only skip them (on GCS
+            a step being written has no commit marker yet).
         """
+        if save_interval_steps < 1:
+            raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}.")
+        path = epath.Path(directory)
         if "://" not in directory:
-            directory = os.path.abspath(directory)
-        self.directory = directory
-        self.config_fingerprint = config_fingerprint
-        self.config_json = config_json
-        self._stop = threading.Event()
-        self._previous_sigterm_handler: Any = None
-        self._sigterm_installed = False
-        if save_interval_steps < 1 or max_to_keep < 1:
-            raise ValueError(f"save_interval_steps ({save_interval_steps}) and max_to_keep "
-                             f"({max_to_keep}) must be >= 1.")
-        policies = ocp.checkpoint_managers
+            path = path.absolute()
+        self.directory = str(path)
+        self.signature = dict(signature) if signature is not None else None
+        self._interval = save_interval_steps
+        self._path = path
+        if writer:
+            _set_aside_incomplete_steps(path)
+        wait_for_all_processes(f"pdm_jax_checkpoint_dir_checked:{self.directory}")
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            # Exactly: every save_interval_steps-th step, or a preemption sync point. Orbax's
-            # default would also save the first step of every (re)started run.
-            save_decision_policy=policies.AnySavePolicy([
-                policies.FixedIntervalPolicy(save_interval_steps),
-                policies.PreemptionCheckpointingPolicy(),
-            ]),
             enable_async_checkpointing=async_save,
             # Unfinished '<step>.orbax-checkpoint-tmp-*' dirs from a killed run waste disk.
-            cleanup_tmp_directories=True,
-            create=True,
-        )
+            cleanup_tmp_directories=True, create=True)
         # Explicit handlers so a fresh process can read item metadata before any save.
         self._manager = ocp.CheckpointManager(
-            directory,
-            options=options,
-            item_names=(_STATE, _META),
+            self.directory, options=options, item_names=(_STATE, _META),
             item_handlers={_STATE: ocp.StandardCheckpointHandler(),
-                           _META: ocp.JsonCheckpointHandler()},
-        )
+                           _META: ocp.JsonCheckpointHandler()})
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -181,192 +156,284 @@ class Checkpointer:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    #### Steps ####
+    def all_steps(self) -> list[int]:
+        """Every committed step, oldest first (incomplete step directories are skipped)."""
+        return sorted(s for s in self._manager.all_steps()
+                      if _is_complete_step(self._path / str(s)))
 
     def latest_step(self) -> int | None:
-        """Returns the newest finalised step, or None if the directory holds none."""
-        return self._manager.latest_step()
-
-    def all_steps(self) -> list[int]:
-        """Returns every finalised step, oldest first."""
-        return sorted(self._manager.all_steps())
+        """The newest committed step, or None."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
     def should_save(self, step: int) -> bool:
-        """True if save(step, ...) without force would write (interval or preemption)."""
-        return self._manager.should_save(step)
+        return step % self._interval == 0
 
-    #### Save ####
-
-    def save(self, step: int, state: Any, metadata: Mapping[str, Any], force: bool = False) -> bool:
-        """Writes `state` and `metadata` as checkpoint `step` (asynchronously if enabled).
-
-        Must be called by every process with the same arguments.
-
-        Args:
-          step: training step; also the directory name.
-          state: pytree of jax.Arrays (sharded or not) and numpy arrays.
-          metadata: JSON-serialisable dict, e.g. {'data_position': {'examples_consumed': n}}.
-          force: write even if `step` is not on the save interval (e.g. on preemption).
-
-        Returns:
-          True if a save was started; False if skipped (off-interval, or step already saved).
+    def save(self, step: int, state: Any, metadata: Mapping[str, Any]) -> None:
+        """Starts writing ``state`` and ``metadata`` as step ``step`` (every process calls it).
 
         Raises:
-          ValueError: if metadata is not JSON-serialisable, uses a reserved key with another
-            value, or a floating leaf of `state` holds NaN/Inf.
+          ValueError: the step exists, the metadata is not JSON, or a floating leaf holds NaN/Inf.
         """
         if step in self._manager.all_steps():
-            logging.info("Checkpoint step %d already exists in %s; not saving.", step,
-                         self.directory)
-            return False
-        if not force and not self._manager.should_save(step):
-            return False
-        meta = self._full_metadata(metadata)
-        bad = _first_non_finite(state)
-        if bad is not None:
-            raise ValueError(f"Refusing to save step {step} to {self.directory}: state leaf "
-                             f"{bad!r} contains NaN or Inf.")
-        logging.info("Saving checkpoint step %d to %s.", step, self.directory)
-        return self._manager.save(
-            step,
-            args=ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state),
-                                       _META: ocp.args.JsonSave(meta)}),
-            force=True,
-        )
-
-    def _full_metadata(self, metadata: Mapping[str, Any]) -> dict[str, Any]:
-        meta = dict(metadata)
-        for key, ours in zip(_RESERVED_META_KEYS, (self.config_fingerprint, self.config_json)):
-            if key in meta and meta[key] != ours:
-                raise ValueError(f"metadata[{key!r}] = {meta[key]!r} conflicts with the "
-                                 f"Checkpointer's {key} {ours!r}; set it on the Checkpointer.")
-            meta[key] = ours
+            raise ValueError(f"Checkpoint step {step} already exists in {self.directory}.")
+        meta = dict(metadata, **{_SIGNATURE_KEY: self.signature})
         try:
             json.dumps(meta)
         except TypeError as e:
             raise ValueError(f"Checkpoint metadata is not JSON-serialisable: {e}") from e
-        return meta
+        bad = _first_non_finite(state)
+        if bad is not None:
+            raise ValueError(f"Refusing to save step {step} to {self.directory}: state leaf "
+                             f"{bad} contains NaN or Inf.")
+        logging.info("Saving checkpoint step %d to %s.", step, self.directory)
+        self._manager.save(step, args=ocp.args.Composite(**{
+            _STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}), force=True)
+
+    def delete(self, step: int) -> None:
+        """Deletes a committed step (every process calls it)."""
+        self._manager.delete(step)
 
     def wait_until_finished(self) -> None:
-        """Blocks until any asynchronous save has been written and finalised."""
+        """Blocks until an asynchronous save has been written and committed."""
         self._manager.wait_until_finished()
 
-    #### Restore ####
-
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
-        """Reads a checkpoint into arrays laid out as `abstract_state` asks.
+        """Reads step ``step`` (default: latest) into arrays laid out as ``abstract_state`` asks.
 
         Args:
-          abstract_state: pytree of jax.ShapeDtypeStruct with shardings for the CURRENT mesh
-            (e.g. from jax.eval_shape + sharding.param_shardings); any mesh or device count.
-          step: the step to read; None means latest_step().
+          abstract_state: pytree of jax.ShapeDtypeStruct with shardings for the current mesh.
+          step: the step to read.
 
         Returns:
-          (state, metadata): the restored pytree (structure of `abstract_state`) and the JSON
-          metadata dict, including 'config_fingerprint' and 'config_json'.
+          (state, metadata).
 
         Raises:
-          FileNotFoundError: if there is no such step.
-          ValueError: if the stored config fingerprint differs from this Checkpointer's, or
-            the stored tree's keys/shapes differ from `abstract_state`.
+          FileNotFoundError: no such step.
+          ValueError: another checkpoint signature, or stored keys/shapes that differ from the
+            target, before any array is read.
         """
-        self._manager.wait_until_finished()  # a step being written cannot be read yet
-        if step is None:
-            step = self.latest_step()
-        if step is None or step not in self._manager.all_steps():
-            raise FileNotFoundError(f"No checkpoint step {step} in {self.directory}; available "
+        self._manager.wait_until_finished()
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self.all_steps():
+            raise FileNotFoundError(f"No checkpoint step {step} in {self.directory}; committed "
                                     f"steps: {self.all_steps()}.")
-        meta = self._manager.restore(
-            step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
-        self._check_config(meta, step)
+        meta = dict(self._manager.restore(
+            step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META])
+        self._check_signature(meta.get(_SIGNATURE_KEY), step)
         self._check_structure(abstract_state, step)
         logging.info("Restoring checkpoint step %d from %s.", step, self.directory)
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract_state)}))
-        return restored[_STATE], dict(meta)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**{
+            _STATE: ocp.args.StandardRestore(abstract_state)}))
+        return restored[_STATE], meta
 
-    def _check_config(self, meta: Mapping[str, Any], step: int) -> None:
-        stored = meta.get("config_fingerprint")
-        if self.config_fingerprint is None or stored is None:
+    def _check_signature(self, stored: Any, step: int) -> None:
+        if self.signature is None or stored is None or stored == self.signature:
             return
-        if stored == self.config_fingerprint:
-            return
-        message = (f"Checkpoint {self.directory} step {step} was written with config "
-                   f"fingerprint {stored!r}, but the current config has fingerprint "
-                   f"{self.config_fingerprint!r}.")
-        if meta.get("config_json") and self.config_json:
-            keys = _differing_top_level_keys(meta["config_json"], self.config_json)
-            message += f" Top-level config keys that differ: {keys}."
-        raise ValueError(message + " Resume with the original config or use a new workdir.")
+        differences = config_lib.dotted_differences(stored, self.signature)
+        raise ValueError(
+            f"Checkpoint {self.directory} step {step} was written for another architecture "
+            f"(checkpoint vs current config): {'; '.join(differences)}. Resume with the "
+            f"original settings or use a new workdir.")
 
     def _check_structure(self, abstract_state: Any, step: int) -> None:
         """Compares stored keys/shapes with the target before reading any array."""
-        try:
-            tree = self._manager.item_metadata(step)[_STATE].tree
-        except (KeyError, AttributeError, TypeError) as e:  # no metadata: let orbax check
-            logging.warning("No tree metadata for step %d (%s); skipping shape check.", step, e)
-            return
-        stored = {keypath_str(p): tuple(m.shape) if hasattr(m, "shape") else np.shape(m)
+        tree = self._manager.item_metadata(step)[_STATE].tree
+        stored = {path_str(p): tuple(getattr(m, "shape", np.shape(m)))
                   for p, m in jax.tree_util.tree_flatten_with_path(tree)[0]}
         where = f"checkpoint {self.directory} step {step}"
         target = jax.tree_util.tree_flatten_with_path(abstract_state)[0]
         for path, leaf in target:
-            key, shape = keypath_str(path), _expected_stored_shape(leaf)
+            key, shape = path_str(path), _stored_shape(leaf)
             if key not in stored:
-                raise ValueError(f"Restore target key {key!r} (shape {shape}) is not in {where}; "
+                raise ValueError(f"Restore target key {key} (shape {shape}) is not in {where}; "
                                  f"stored keys include {sorted(stored)[:8]}.")
             if stored[key] != shape:
-                raise ValueError(f"Shape mismatch at {key!r}: {where} has shape {stored[key]}, "
+                raise ValueError(f"Shape mismatch at {key}: {where} has shape {stored[key]}, "
                                  f"the restore target has shape {shape}.")
-        extra = sorted(stored.keys() - {keypath_str(p) for p, _ in target})
+        extra = sorted(stored.keys() - {path_str(p) for p, _ in target})
         if extra:
-            raise ValueError(f"{where} has key {extra[0]!r} (shape {stored[extra[0]]}) that the "
+            raise ValueError(f"{where} has key {extra[0]} (shape {stored[extra[0]]}) that the "
                              f"restore target lacks ({len(extra)} such keys).")
 
-    #### Preemption ####
-
-    def reached_preemption(self, step: int) -> bool:
-        """True on every process at the same step once any process got a preemption notice.
-
-        Uses JAX's preemption sync manager (multi-host); False when it is not running
-        (single process without jax.distributed). Call it at every step on every process.
-        """
-        return self._manager.reached_preemption(step)
-
-    def install_sigterm_handler(self) -> Any:
-        """Makes SIGTERM set a flag that should_stop() reports (call from the main thread).
-
-        With several processes this installs nothing: JAX's coordination service owns SIGTERM
-        there and reports it through reached_preemption() at the same step on every host,
-        whereas a local flag would stop one host and deadlock the others.
-
-        Returns:
-          The previous SIGTERM handler (restored by close()), or None if nothing was installed.
-        """
-        if jax.process_count() > 1:
-            logging.info("Multi-process run: SIGTERM is handled by JAX's preemption service.")
-            return None
-
-        def handler(signum: int, frame: Any) -> None:
-            del frame
-            logging.warning("Received signal %d: saving a checkpoint and stopping.", signum)
-            self._stop.set()
-
-        previous = signal.signal(signal.SIGTERM, handler)
-        if not self._sigterm_installed:
-            self._previous_sigterm_handler, self._sigterm_installed = previous, True
-        return previous
-
-    def should_stop(self, step: int | None = None) -> bool:
-        """True once SIGTERM arrived or (given `step`) a preemption sync point is reached."""
-        return self._stop.is_set() or (step is not None and self.reached_preemption(step))
-
     def close(self) -> None:
-        """Waits for pending saves, closes the manager, restores the old SIGTERM handler."""
+        """Waits for a pending save and closes the manager."""
         self._manager.wait_until_finished()
         self._manager.close()
-        if self._sigterm_installed:
-            # None means the old handler was not set from Python; the default is closest.
-            previous = self._previous_sigterm_handler
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-            self._sigterm_installed = False
+
+
+#### The trained experts of a run ####
+
+
+def expert_checkpoint_dir(workdir: str, expert_name: str) -> str:
+    return f"{workdir}/checkpoints/{expert_name}"
+
+
+class ExpertCheckpoints:
+    """The checkpoints of the experts one run trains, saved and resumed as one set.
+
+    Example:
+      ckpts = ExpertCheckpoints(workdir, setups, every=1000, keep=3)
+      restored = ckpts.restore_latest()          # (step, states, meta) or None
+      ...
+      if ckpts.should_save(step): ckpts.save(step, states, {"data_position": ...})
+      ckpts.close()
+    """
+
+    def __init__(self, workdir: str, setups: Sequence[ExpertSetup], *, every: int, keep: int,
+                 async_save: bool = True) -> None:
+        if keep < 1:
+            raise ValueError(f"ckpt.keep must be >= 1, got {keep}.")
+        self.setups, self.keep = list(setups), keep
+        self._ckpts = {s.name: Checkpointer(expert_checkpoint_dir(workdir, s.name),
+                                            save_interval_steps=every, async_save=async_save,
+                                            signature=s.signature, writer=True)
+                       for s in setups}
+
+    def complete_steps(self) -> list[int]:
+        """Steps every trained expert has committed, oldest first."""
+        steps = [set(c.all_steps()) for c in self._ckpts.values()]
+        return sorted(set.intersection(*steps))
+
+    def restore_latest(self) -> tuple[int, dict[str, State], dict[str, Any]] | None:
+        """Restores the newest step that every trained expert committed.
+
+        Steps newer than it that only some experts committed (a save cut short by a kill) are
+        deleted: the resumed run writes them again, bitwise equal.
+
+        Returns:
+          (step, {expert name: state}, metadata of the first expert), or None for a fresh run.
+        """
+        complete = self.complete_steps()
+        step = complete[-1] if complete else None
+        for name, ckpt in self._ckpts.items():
+            for orphan in [s for s in ckpt.all_steps() if step is None or s > step]:
+                logging.warning("Discarding step %d of %s: not every trained expert committed "
+                                "it (a save cut short); resuming from step %s.", orphan, name,
+                                step)
+                ckpt.delete(orphan)
+        if step is None:
+            return None
+        states, meta = {}, {}
+        for setup in self.setups:
+            states[setup.name], meta = self._ckpts[setup.name].restore(setup.abstract, step)
+        return step, states, meta
+
+    def should_save(self, step: int) -> bool:
+        return next(iter(self._ckpts.values())).should_save(step)
+
+    def save(self, step: int, states: Mapping[str, State], metadata: Mapping[str, Any]) -> None:
+        """Starts saving every trained expert at ``step``, after pruning steps that a complete
+        newer set makes redundant (never the newest ``keep`` complete steps)."""
+        if step in self.complete_steps():
+            logging.info("Checkpoint step %d exists already; not saving it again.", step)
+            return
+        self._prune()
+        for name, ckpt in self._ckpts.items():
+            ckpt.save(step, states[name], metadata)
+
+    def _prune(self) -> None:
+        for ckpt in self._ckpts.values():
+            ckpt.wait_until_finished()  # count only committed steps as complete
+        complete = self.complete_steps()
+        if len(complete) <= self.keep:
+            return
+        oldest_kept = complete[-self.keep]
+        for ckpt in self._ckpts.values():
+            for step in ckpt.all_steps():
+                if step < oldest_kept:
+                    ckpt.delete(step)
+
+    def close(self) -> None:
+        """Waits for pending saves (then prunes) and closes every directory."""
+        for ckpt in self._ckpts.values():
+            ckpt.wait_until_finished()
+        self._prune()
+        for ckpt in self._ckpts.values():
+            ckpt.close()
+
+
+#### Loading a run's experts (sampling, export, evaluation, warm starts) ####
+
+
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run was trained with (``WORKDIR/config.json``)."""
+    path = epath.Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: not a pdm_jax training workdir.")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def latest_expert_step(workdir: str, expert_name: str) -> int | None:
+    """The newest committed step of one expert of a run, without opening orbax (None: none)."""
+    directory = epath.Path(expert_checkpoint_dir(workdir, expert_name))
+    if not directory.exists():
+        return None
+    steps = [int(p.name) for p in directory.iterdir()
+             if p.name.isdigit() and _is_complete_step(p)]
+    return max(steps) if steps else None
+
+
+def load_expert_state(workdir: str, expert_index: int, mesh: Mesh,
+                      config: ml_collections.ConfigDict | None = None) -> tuple[State, int]:
+    """The latest train state of one expert of the run in ``workdir``, sharded over ``mesh``.
+
+    Args:
+      workdir: training workdir.
+      expert_index: which expert of that run's config.
+      mesh: where to place the state.
+      config: that run's config; read from ``WORKDIR/config.json`` when None.
+
+    Returns:
+      (state dict with 'params', 'ema', 'opt_state', 'step', 'rng'; its checkpoint step).
+
+    Raises:
+      FileNotFoundError: the expert has no checkpoint, naming it and the directory.
+    """
+    from pdm_jax.diffusion.experts import experts_from_config
+
+    config = read_run_config(workdir) if config is None else config
+    experts = experts_from_config(config)
+    if not 0 <= expert_index < len(experts):
+        raise ValueError(f"Expert {expert_index} does not exist in {workdir} "
+                         f"({len(experts)} experts).")
+    setup = setup_expert(experts[expert_index], mesh, config.seed + expert_index)
+    directory = expert_checkpoint_dir(workdir, setup.name)
+    if latest_expert_step(workdir, setup.name) is None:
+        raise FileNotFoundError(
+            f"No checkpoint for {setup.expert.describe()} under {directory}: train it first "
+            f"(--mode=train, or --config.train.expert={expert_index} for this expert alone).")
+    with Checkpointer(directory, signature=setup.signature) as ckpt:
+        step = ckpt.latest_step()
+        state, _ = ckpt.restore(setup.abstract, step)
+    logging.info("Loaded %s from step %d", setup.expert.describe(), step)
+    return state, step
+
+
+def load_expert_ema(workdir: str, expert_index: int, mesh: Mesh,
+                    config: ml_collections.ConfigDict | None = None) -> dict:
+    """The latest EMA parameters of one expert of a run (see :func:`load_expert_state`)."""
+    return load_expert_state(workdir, expert_index, mesh, config)[0]["ema"]
+
+
+def warm_start(setup: ExpertSetup, state: State, workdir: str, mesh: Mesh) -> State:
+    """``state`` with params and EMA set to another expert's latest EMA weights (SPEC 6).
+
+    The source is expert ``warm_start_expert`` of ``warm_start_workdir`` (this run's workdir when
+    empty); the optimiser state stays fresh.
+
+    Raises:
+      FileNotFoundError: the source has no checkpoint. ValueError: its architecture differs.
+    """
+    expert = setup.expert
+    source_workdir = expert.warm_start_workdir or workdir
+    source = load_expert_ema(source_workdir, expert.warm_start_expert, mesh)
+    target = setup.abstract["params"]
+    if jax.tree.map(lambda a: a.shape, source) != jax.tree.map(lambda a: a.shape, target):
+        raise ValueError(f"Warm start of {expert.describe()} from expert "
+                         f"{expert.warm_start_expert} of {source_workdir}: the architectures "
+                         f"differ.")
+    params = jax.tree.map(lambda s, a: jax.device_put(s, a.sharding), source, target)
+    logging.info("Warm-started %s from expert %d of %s", expert.describe(),
+                 expert.warm_start_expert, source_workdir)
+    return {**state, "params": params, "ema": jax.tree.map(jnp.copy, params)}

@@ -26,24 +26,25 @@ import ml_collections
 import numpy as np
 import safetensors
 import safetensors.numpy
+from absl import logging
 from flax import nnx
 
-from pdm_jax import train_state
-from pdm_jax.experts import Expert, experts_from_config
-from pdm_jax.models.unet import UNetConfig
+from pdm_jax.config_lib import EXPORT_DTYPES
+from pdm_jax.diffusion.experts import Expert, experts_from_config
+from pdm_jax.models.unet import UNet, UNetConfig
+from pdm_jax.training.state import param_shapes
 
 FORMAT = "pdm_jax.export"
 VERSION = 1
 MODEL_JSON = "model.json"
 MODEL_CARD = "README.md"
-DTYPES = ("float32", "bfloat16")
 KINDS = ("ema", "raw")
 
 
 def check_dtype(dtype: str) -> str:
     """Returns ``dtype`` if it is an export dtype; raises ValueError naming the choices."""
-    if dtype not in DTYPES:
-        raise ValueError(f"Unknown export dtype {dtype!r}; expected one of {DTYPES}.")
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"Unknown export dtype {dtype!r}; expected one of {EXPORT_DTYPES}.")
     return dtype
 
 
@@ -60,7 +61,7 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
 def expected_params(model: UNetConfig) -> dict[str, tuple[tuple, tuple[int, ...]]]:
     """{'/'-joined key: (NNX path, shape)} of every parameter of a U-Net, built abstractly."""
     return {param_key(path): (path, shape)
-            for path, shape in train_state.param_shapes(model).items()}
+            for path, shape in param_shapes(model).items()}
 
 
 def param_key(path: Sequence[Any]) -> str:
@@ -205,7 +206,7 @@ def model_card(meta: Mapping[str, Any], config: ml_collections.ConfigDict, notes
     if notes.strip():
         lines += ["", notes.strip()]
     lines += ["", "Sample it:", "", "```",
-              "python -m pdm_jax.sample_export --export_dir=. --num=16 --out=grid.png",
+              "python -m pdm_jax.cli.sample_export --export_dir=. --num=16 --out=grid.png",
               "```", "", "or in Python: `pdm_jax.Pipeline.load(dir).sample(16, seed=0)`.", ""]
     return "\n".join(lines)
 
@@ -218,7 +219,7 @@ def read_meta(export_dir: str) -> dict:
     path = os.path.join(export_dir, MODEL_JSON)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist: {export_dir} is not a pdm_jax export "
-                                f"(create one with --mode=export or pdm_jax.import_torch).")
+                                f"(create one with --mode=export or pdm_jax.cli.import_torch).")
     with open(path) as f:
         try:
             meta = json.load(f)
@@ -319,3 +320,47 @@ def read_export(export_dir: str, kind: str = "ema") -> tuple[dict, ml_collection
         params.append(read_params(path, expert.model))
         _check_checksum(path, meta.get("sha256", {}).get(entry["files"][kind]))
     return meta, config, params
+
+
+#### Importing the authors' PyTorch checkpoints ####
+
+
+def export_torch_checkpoints(config: ml_collections.ConfigDict, checkpoints: Sequence[str],
+                             out: str, dtype: str | None = None) -> str:
+    """Converts one PyTorch state_dict per expert into an export at ``out``.
+
+    Args:
+      config: a run config whose experts' U-Nets match the checkpoints.
+      checkpoints: .pt paths in the config's expert order.
+      out: export directory (written atomically).
+      dtype: 'float32' / 'bfloat16'; default ``config.export.dtype``.
+
+    Returns:
+      ``out``.
+
+    Raises:
+      ValueError: wrong number of files, unreadable files, or keys/shapes not matching the
+        config, naming the file and the first offending key.
+    """
+    from pdm_jax.models.torch_import import load_torch_state_dict, read_torch_state_dict
+
+    dtype = check_dtype(dtype or config.export.dtype)
+    experts = experts_from_config(config)
+    if len(checkpoints) != len(experts):
+        raise ValueError(f"Got {len(checkpoints)} checkpoint(s) {list(checkpoints)} for "
+                         f"{len(experts)} expert(s): pass one .pt per expert, in config order.")
+    params = []
+    for expert, path in zip(experts, checkpoints):
+        state_dict = read_torch_state_dict(path)
+        model = nnx.eval_shape(lambda e=expert: UNet(e.model, rngs=nnx.Rngs(0)))
+        try:
+            load_torch_state_dict(model, state_dict)
+        except ValueError as e:
+            raise ValueError(f"{path} does not fit {expert.describe()}: {e}") from e
+        params.append({"ema": nnx.to_pure_dict(nnx.state(model, nnx.Param))})
+        logging.info("Imported %s for %s", path, expert.describe())
+    return write_export(
+        out, config, params, [0] * len(experts), dtype=dtype,
+        source={"pytorch_checkpoints": [os.path.abspath(p) for p in checkpoints]},
+        card_notes="Imported from PyTorch checkpoints of the authors' implementation "
+                   "(`python -m pdm_jax.cli.import_torch`); the step is unknown and recorded as 0.")

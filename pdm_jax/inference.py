@@ -2,7 +2,7 @@
 
 Touches no training-only dependency (no orbax, no TensorFlow): an export is safetensors +
 JSON (export_format.py) and sampling is the same jitted, sharded sampler as ``--mode=sample``
-(sample_lib.py), so with the same seed, settings and batch size both give identical images.
+(sampling.py), so with the same seed, settings and batch size both give identical images.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import jax
 import ml_collections
 from flax import nnx
 
-from pdm_jax import export_format, sharding, train_state
+from pdm_jax import export_format, sharding
 from pdm_jax.diffusion import samplers, schedules
-from pdm_jax.experts import Expert, experts_from_config
+from pdm_jax.diffusion.experts import Expert, experts_from_config
 from pdm_jax.models.unet import UNet
-from pdm_jax.sample_lib import check_labels, make_sample_fn, sample_images
+from pdm_jax.sampling import check_labels, make_sample_fn, sample_images
+from pdm_jax.training.state import model_graphdef
 
 
 class Pipeline:
@@ -50,7 +51,7 @@ class Pipeline:
         """Loads and validates an export (see export_format.read_export).
 
         Args:
-          export_dir: directory written by ``--mode=export`` or ``pdm_jax.import_torch``.
+          export_dir: directory written by ``--mode=export`` or ``pdm_jax.cli.import_torch``.
           raw: use the raw (non-EMA) parameters, if the export has them.
           mesh_shape: (data, fsdp) mesh over all devices; -1 = the remaining devices.
 
@@ -80,7 +81,7 @@ class Pipeline:
         """Expert ``index``'s U-Net with its loaded parameters (``model(x, t, y) -> (mean, v)``)."""
         if not 0 <= index < len(self.experts):
             raise ValueError(f"Expert {index} does not exist ({len(self.experts)} experts).")
-        graphdef = train_state.model_graphdef(self.experts[index].model)
+        graphdef = model_graphdef(self.experts[index].model)
         return nnx.merge(graphdef, self._params[index])
 
     def forward(self, x: Any, t: Any, labels: Any = None, expert: int = 0) -> tuple[Any, Any]:
@@ -98,7 +99,7 @@ class Pipeline:
         if not 0 <= expert < len(self.experts):
             raise ValueError(f"Expert {expert} does not exist ({len(self.experts)} experts).")
         if expert not in self._forward_fns:
-            graphdef = train_state.model_graphdef(self.experts[expert].model)
+            graphdef = model_graphdef(self.experts[expert].model)
             fn = jax.jit(lambda p, x, t, y: nnx.merge(graphdef, p)(x, t, y))
             self._forward_fns[expert] = functools.partial(fn, self._params[expert])
         return self._forward_fns[expert](x, t, labels)

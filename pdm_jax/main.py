@@ -1,10 +1,16 @@
-"""Entry point: ``python -m pdm_jax.main --config=configs/x.py[:args] --workdir=DIR --mode=M``."""
+"""Entry point: ``python -m pdm_jax.main --config=configs/x.py[:args] --workdir=DIR --mode=M``.
+
+Every mode but train reads the run's sections (data, model, diffusion, experts) from
+``WORKDIR/config.json`` when it exists, so a run trained with overrides is sampled, evaluated
+or exported without repeating them; overrides on this command line still win.
+"""
 
 import os
 
 # Before TensorFlow or JAX initialise: keep TF's C++ logs quiet.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import importlib  # noqa: E402
 import logging as pylogging  # noqa: E402
 
 import jax  # noqa: E402
@@ -15,9 +21,12 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/x.py[:arg]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (local path or gs://).")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "summary", "export", "analyze", "eval",
-                                   "ref_stats"], "What to do.")
-flags.DEFINE_string("export_dir", None, "--mode=export: output directory (default WORKDIR/export).")
+# --mode -> module of pdm_jax.jobs whose run(config, workdir) does it.
+JOBS = {"train": "train", "sample": "sample", "summary": "summary", "export": "export",
+        "analyze": "analyze", "eval": "evaluate", "ref_stats": "ref_stats"}
+flags.DEFINE_enum("mode", "train", list(JOBS), "What to do.")
+flags.DEFINE_string("export_dir", None, "--mode=export: output directory (same as "
+                    "--config.export.dir; default WORKDIR/export).")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: coordinator host:port.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
@@ -34,44 +43,40 @@ class _QuietLibraries(pylogging.Filter):
             part in record.pathname for part in self._NOISY)
 
 
+def _with_run_config(config, workdir: str):
+    """``config`` with the run's sections from ``WORKDIR/config.json`` (if any), overrides kept."""
+    from pdm_jax import checkpointing, config_lib
+
+    try:
+        run_config = checkpointing.read_run_config(workdir)
+    except FileNotFoundError:
+        return config
+    logging.info("Using the data/model/diffusion/experts sections of %s/%s.", workdir,
+                 checkpointing.CONFIG_FILE)
+    return config_lib.with_run_sections(config, run_config,
+                                        config_flags.get_override_values(FLAGS["config"]))
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    from pdm_jax import sharding  # deferred: imports TensorFlow and orbax
+    from pdm_jax import sharding
+    from pdm_jax.data import pipeline
 
-    # tf.data must never take accelerator memory (pdm_jax.data hides GPUs/TPUs from TF).
-    import pdm_jax.data.pipeline  # noqa: F401
-
+    pipeline.hide_accelerators_from_tensorflow()  # tf.data must not take accelerator memory
     sharding.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                           FLAGS.process_id)
-    logging.info("Process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
-                 jax.process_count(), jax.local_device_count(), jax.device_count(),
-                 jax.devices()[0].platform)
     config = FLAGS.config
-    if FLAGS.mode == "train":
-        from pdm_jax import train
-        train.train(config, FLAGS.workdir)
-    elif FLAGS.mode == "sample":
-        from pdm_jax import sample
-        sample.run(config, FLAGS.workdir)
-    elif FLAGS.mode == "summary":
-        from pdm_jax import summary
-        result = summary.summarize(config, FLAGS.workdir)
-        print(summary.format_table(result))
-    elif FLAGS.mode == "export":
-        from pdm_jax import export
-        export.run(config, FLAGS.workdir, FLAGS.export_dir)
-    elif FLAGS.mode == "analyze":
-        from pdm_jax import analyze
-        analyze.run(config, FLAGS.workdir)
-    elif FLAGS.mode == "eval":
-        from pdm_jax import eval_run
-        eval_run.run_eval(config, FLAGS.workdir)
-    elif FLAGS.mode == "ref_stats":
-        from pdm_jax import eval_run
-        eval_run.run_ref_stats(config, FLAGS.workdir)
+    if FLAGS.mode != "train":
+        config = _with_run_config(config, FLAGS.workdir)
+    if FLAGS.export_dir:
+        with config.unlocked():
+            config.export.dir = FLAGS.export_dir
+    job = importlib.import_module(f"pdm_jax.jobs.{JOBS[FLAGS.mode]}")
+    job.run(config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
+    jax.config.config_with_absl()  # --jax_* flags, e.g. --jax_compilation_cache_dir=DIR
     app.run(main)

@@ -14,6 +14,7 @@ Everything here is jit + Mesh + NamedSharding; there is no pmap.
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 import re
@@ -108,57 +109,80 @@ def _int_from_env(name: str, value: int | None) -> int | None:
 
 
 def _running_on_cloud_tpu_vm() -> bool:
-    """True if TPU chips sit on this host's PCI bus (read from /sys, no backend started)."""
+    """Whether this process runs on a Cloud TPU VM (whose pods need jax.distributed).
+
+    ``PDM_JAX_CLOUD_TPU=1`` or ``0`` decides (launch/tpu.sh sets 1). Otherwise JAX's own TPU
+    probe decides wherever TPU device files exist; if that private probe is missing (a JAX
+    upgrade), this fails loudly instead of silently running a pod as independent hosts.
+    """
+    explicit = os.environ.get("PDM_JAX_CLOUD_TPU", "")
+    if explicit:
+        if explicit not in ("0", "1"):
+            raise ValueError(f"PDM_JAX_CLOUD_TPU={explicit!r} must be 1 or 0.")
+        return explicit == "1"
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if platforms and "tpu" not in platforms:
         return False
-    # JAX's own probe is private; a JAX without it means "not detected" (then pass the
-    # arguments explicitly or set JAX_COORDINATOR_ADDRESS).
+    if not (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")):
+        return False
     try:
         from jax._src import hardware_utils
 
         return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
-    except (ImportError, AttributeError, OSError):
-        return False
+    except (ImportError, AttributeError) as e:
+        raise RuntimeError(
+            "TPU device files exist, but this JAX has no TPU probe (jax._src.hardware_utils) to "
+            "tell whether this is a Cloud TPU VM; set PDM_JAX_CLOUD_TPU=1 (Cloud TPU VM: start "
+            "jax.distributed, as launch/tpu.sh does) or PDM_JAX_CLOUD_TPU=0.") from e
 
 
 #### Mesh ####
 
 
-def make_mesh(
-    shape: Sequence[int] = (-1, 1), axis_names: Sequence[str] = (DATA_AXIS, FSDP_AXIS)
-) -> Mesh:
-    """Builds a device mesh over all global devices.
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int | None = None) -> tuple[int, ...]:
+    """The concrete (data, fsdp) sizes of a mesh shape over ``num_devices`` (default: all).
 
     Args:
       shape: size of each axis; at most one entry may be -1, meaning "the remaining devices".
-      axis_names: one name per axis, e.g. ('data', 'fsdp').
+      num_devices: devices to cover; default ``jax.device_count()``.
 
     Returns:
-      A jax.sharding.Mesh with Auto axis types (jit sharding propagation as usual).
+      The sizes, whose product is ``num_devices``.
 
     Raises:
-      ValueError: if the shape has the wrong length, bad entries, or does not use exactly
-        the available devices.
+      ValueError: bad entries, or sizes that do not use exactly the available devices.
     """
-    shape, axis_names = tuple(shape), tuple(axis_names)
-    n_devices = jax.device_count()
-    if len(shape) != len(axis_names):
-        raise ValueError(f"Mesh shape {shape} has {len(shape)} axes but axis_names {axis_names} "
-                         f"has {len(axis_names)}.")
+    shape = tuple(int(s) for s in shape)
+    n_devices = jax.device_count() if num_devices is None else num_devices
+    if len(shape) != 2:
+        raise ValueError(f"mesh.shape={shape} must have 2 entries, the sizes of the "
+                         f"({DATA_AXIS!r}, {FSDP_AXIS!r}) axes.")
     if any(s != -1 and s < 1 for s in shape) or shape.count(-1) > 1:
-        raise ValueError(f"Mesh shape {shape} must hold positive sizes and at most one -1.")
+        raise ValueError(f"mesh.shape={shape} must hold positive sizes and at most one -1.")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if n_devices % known:
-            raise ValueError(f"Mesh shape {shape}: {n_devices} devices are not divisible by the "
-                             f"fixed axes' product {known}.")
+            raise ValueError(f"mesh.shape={shape}: the {n_devices} devices are not divisible by "
+                             f"the fixed axes' product {known}.")
         shape = tuple(n_devices // known if s == -1 else s for s in shape)
     if math.prod(shape) != n_devices:
-        raise ValueError(f"Mesh shape {shape} needs {math.prod(shape)} devices but "
+        raise ValueError(f"mesh.shape={shape} needs {math.prod(shape)} devices but "
                          f"{n_devices} are available.")
-    axis_types = (jax.sharding.AxisType.Auto,) * len(shape)
-    return jax.make_mesh(shape, axis_names, axis_types=axis_types)
+    return shape
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1)) -> Mesh:
+    """A ('data', 'fsdp') device mesh over all global devices.
+
+    Args:
+      shape: sizes of the two axes (see :func:`resolve_mesh_shape`; -1 = the remaining devices).
+
+    Returns:
+      A jax.sharding.Mesh with Auto axis types (jit sharding propagation as usual).
+    """
+    sizes = resolve_mesh_shape(shape)
+    return jax.make_mesh(sizes, (DATA_AXIS, FSDP_AXIS),
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(sizes))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -173,17 +197,9 @@ def _axis_size(mesh: Mesh, name: str) -> int:
 #### Parameter sharding rules ####
 
 
-def keypath_str(path: Sequence[Any]) -> str:
-    """Joins a JAX key path into 'a/b/0/c' (dict keys, attribute names, sequence indices)."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey/FlattenedIndexKey
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
+def path_str(path: Sequence[Any]) -> str:
+    """A JAX key path as 'a/b/0/c' (dict keys, attribute names, sequence indices)."""
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def replicate(shape: tuple[int, ...], mesh: Mesh, min_fsdp_size: int) -> P:
@@ -248,7 +264,7 @@ def param_shardings(
     compiled = [(re.compile(pattern), SHARDING_RULES[rule]) for pattern, rule in rules]
 
     def one(path, leaf) -> NamedSharding:
-        name = keypath_str(path)
+        name = path_str(path)
         for regex, rule_fn in compiled:
             if regex.search(name):
                 return NamedSharding(mesh, rule_fn(tuple(np.shape(leaf)), mesh, min_fsdp_size))
@@ -291,7 +307,7 @@ def global_batch(local_batch: Mapping[str, Any], mesh: Mesh,
 
     def one(path, x) -> jax.Array:
         x = np.asarray(x)
-        name = keypath_str(path)
+        name = path_str(path)
         if x.ndim == 0:
             raise ValueError(f"Batch entry {name!r} is a scalar; expected (B, ...).")
         global_b = x.shape[0] * (1 if full else jax.process_count())

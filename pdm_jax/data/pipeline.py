@@ -14,7 +14,6 @@ ENCODED records (bytes or paths, nothing decoded): at most one epoch of reading,
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import os
 from collections.abc import Iterator, Mapping
@@ -24,22 +23,16 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
+from etils import epath
 
 # Importing the builder registers 'pdm_emoji_demo' with tfds, so tfds.builder() finds it.
 from pdm_jax.data import emoji_demo
-
-# tf.data runs on the host CPU only: TensorFlow must not reserve accelerator memory that JAX needs
-# (as in the flax examples). Fails harmlessly if TF already initialised its devices.
-for _kind in ("GPU", "TPU"):
-    try:
-        tf.config.set_visible_devices([], _kind)
-    except (RuntimeError, ValueError):
-        pass
+from pdm_jax.data.folders import class_dirs, scan_image_folder
 
 DEMO_NAME = emoji_demo.PdmEmojiDemo.name  # "pdm_emoji_demo"
 FOLDER_NAME = "folder"
-# Container formats that both PIL (the start-up check) and tf.io.decode_image can read.
-_TF_DECODABLE_FORMATS = frozenset({"JPEG", "PNG", "GIF", "BMP"})
+# Files a manual-download tfds dataset needs in data.manual_dir before it can be prepared.
+MANUAL_FILES = {"imagenet2012": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,86 +77,71 @@ def _options(data_config: Any) -> _Options:
     return opts
 
 
-#### Image folders ####
+def hide_accelerators_from_tensorflow() -> None:
+    """Keeps TensorFlow (tf.data) off the accelerators, whose memory belongs to JAX.
+
+    Call it before anything initialises TensorFlow's devices (main does, first thing).
+
+    Raises:
+      RuntimeError: TensorFlow already initialised accelerators it can see: it would hold
+        accelerator memory (say so rather than fail later with an out-of-memory error).
+    """
+    for kind in ("GPU", "TPU"):
+        if not tf.config.list_physical_devices(kind):
+            continue
+        try:
+            tf.config.set_visible_devices([], kind)
+        except RuntimeError as e:
+            raise RuntimeError(f"TensorFlow initialised its {kind}s before pdm_jax could hide "
+                               f"them from tf.data; import pdm_jax.main (or call this) before "
+                               f"using TensorFlow.") from e
 
 
-@dataclasses.dataclass(frozen=True)
-class ImageFolder:
-    """A scanned image folder: decodable files with labels, and the files that were skipped."""
-
-    paths: list[str]
-    labels: list[int]
-    class_names: list[str] | None  # None: images directly in the folder, no labels.
-    skipped: list[str]
-
-
-def _class_dirs(root: str) -> list[str]:
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-
-
-def _files_under(directory: str) -> list[str]:
-    found = []
-    for parent, dirs, files in os.walk(directory, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(os.path.join(parent, f) for f in sorted(files))
-    return found
-
-
-def _is_decodable_image(path: str) -> bool:
-    """Whether ``path`` is a complete image in a format tf.io.decode_image reads."""
-    from PIL import Image  # Only the folder source needs PIL.
-
-    try:
-        with Image.open(path) as image:
-            if image.format not in _TF_DECODABLE_FORMATS:
-                return False
-            if image.format == "JPEG":
-                # verify() does not read JPEG entropy data; a 1/8-scale draft decode does, cheaply,
-                # so truncated files are caught here rather than inside a long run.
-                image.draft("RGB", (1, 1))
-                image.load()
-            else:
-                image.verify()  # PNG: every chunk CRC up to IEND.
-        return True
-    except Exception:  # noqa: BLE001 -- any failure to read means "not an image we can use".
-        return False
+def _check_tfds_available(opts: _Options) -> tfds.core.DatasetBuilder:
+    builder = _tfds_builder(opts)
+    if builder.is_prepared():
+        return builder
+    if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
+        needed = MANUAL_FILES.get(opts.name.split("/")[0].split(":")[0], ())
+        hint = (f"pass --config.data.manual_dir=DIR holding the manual download"
+                f"{' (' + ', '.join(needed) + ')' if needed else ''}, or "
+                f"--config.data.data_dir=DIR where it is prepared already")
+        if not opts.manual_dir:
+            raise FileNotFoundError(f"Dataset {opts.name!r} is not prepared in "
+                                    f"{builder.data_dir} and needs a manual download: {hint}.")
+        manual = epath.Path(opts.manual_dir)
+        if not manual.is_dir():
+            raise FileNotFoundError(f"data.manual_dir={opts.manual_dir!r} is not a directory; "
+                                    f"{hint}.")
+        missing = [name for name in needed if not (manual / name).exists()]
+        if missing:
+            raise FileNotFoundError(f"data.manual_dir={opts.manual_dir!r} lacks {missing} that "
+                                    f"{opts.name!r} needs; {hint}.")
+    return builder
 
 
-def scan_image_folder(folder: str) -> ImageFolder:
-    """Lists a folder's images, checking each one once so that bad files never reach tf.data.
+def check_available(data_config: Any) -> int:
+    """Checks, in seconds and before anything is built, that training can read the data.
 
-    Class subfolders (any non-hidden subdirectory) give labels in SORTED folder-name order, the
-    ImageNet convention (SPEC 7), and are searched recursively; files directly in ``folder`` are
-    then ignored. Without subfolders the folder's own files form one unlabelled set. Corrupt,
-    truncated and non-image files are skipped, counted and logged.
+    A folder must exist and hold decodable images; a tfds name must be known, and a dataset
+    that is not prepared yet and needs a manual download must find its files in
+    ``data.manual_dir``; a class-conditional run needs labels.
 
     Args:
-      folder: the directory.
+      data_config: the data config (see ``make_train_dataset``).
 
     Returns:
-      The usable files in a deterministic (sorted) order, their labels, class names, skipped files.
+      The number of classes (0 for an unconditional run).
+
+    Raises:
+      ValueError / FileNotFoundError: naming the value and what to pass instead.
     """
-    classes = _class_dirs(folder)
-    if classes:
-        candidates = [(p, label) for label, name in enumerate(classes)
-                      for p in _files_under(os.path.join(folder, name))]
-        if loose := [e.name for e in os.scandir(folder) if e.is_file()]:
-            logging.warning("Ignoring %d files directly in %s (it has class subfolders).",
-                            len(loose), folder)
+    opts = _options(data_config)
+    if opts.name == FOLDER_NAME:
+        scan_image_folder(opts.folder)
     else:
-        candidates = [(e.path, 0) for e in sorted(os.scandir(folder), key=lambda e: e.name)
-                      if e.is_file()]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=4 * (os.cpu_count() or 1)) as pool:
-        ok = list(pool.map(_is_decodable_image, [p for p, _ in candidates]))
-    good = [c for c, keep in zip(candidates, ok) if keep]
-    skipped = [p for (p, _), keep in zip(candidates, ok) if not keep]
-    if skipped:
-        logging.warning("Skipped %d of %d files in %s that are not decodable images, e.g. %s",
-                        len(skipped), len(candidates), folder, skipped[:5])
-    if not good:
-        raise ValueError(f"No decodable images found in folder {folder!r}.")
-    return ImageFolder(paths=[p for p, _ in good], labels=[y for _, y in good],
-                       class_names=classes or None, skipped=skipped)
+        _check_tfds_available(opts)
+    return num_classes(data_config)
 
 
 #### Sources: per-process (payload, label) records; payload = encoded bytes or a path ####
@@ -225,7 +203,7 @@ def _folder_source(opts: _Options, process_index: int, process_count: int) -> _S
 
 def _label_names(opts: _Options) -> list[str] | None:
     if opts.name == FOLDER_NAME:
-        return _class_dirs(opts.folder) or None
+        return class_dirs(opts.folder) or None
     feature = _tfds_builder(opts).info.features
     if "label" in feature and isinstance(feature["label"], tfds.features.ClassLabel):
         return list(feature["label"].names)
@@ -260,6 +238,14 @@ def num_classes(data_config: Any) -> int:
       The class count; labels of class-conditional batches lie in [0, num_classes).
     """
     return len(class_names(data_config))
+
+
+def dataset_size(data_config: Any) -> int:
+    """Records in the data section's split (a tfds dataset must be prepared already)."""
+    opts = _options(data_config)
+    if opts.name == FOLDER_NAME:
+        return len(scan_image_folder(opts.folder).paths)
+    return int(_tfds_builder(opts).info.splits[opts.split].num_examples)
 
 
 #### Preprocessing (SPEC 7) ####
@@ -328,8 +314,11 @@ def make_train_dataset(data_config: Any, *, global_batch_size: int, seed: int,
       start_example: examples this process already consumed (step * local batch), to resume.
 
     Returns:
-      A dataset of {'image': float32 (B, S, S, 3) in [-1, 1], 'label': int32 (B,)} with
-      B = global_batch_size // process_count.
+      A dataset of {'image': float32 (B, S, S, 3) in [-1, 1], 'label': int32 (B,), 'index':
+      int64 (B,)} with B = global_batch_size // process_count; 'index' is each example's
+      position in this process's record stream, so ``index[-1] + 1`` is where a resumed stream
+      must start (:func:`records_consumed`), even after records that failed to decode were
+      dropped.
     """
     opts = _options(data_config)
     if not 0 <= process_index < process_count:
@@ -354,9 +343,10 @@ def make_train_dataset(data_config: Any, *, global_batch_size: int, seed: int,
         records = records.map(lambda payload, label: (payload, tf.zeros_like(label)))
 
     if opts.cache:  # Decode once; later epochs shuffle and skip cached uint8 images instead.
+        # No ignore_errors here: a dropped record would change the epoch length the resume
+        # offset is computed with. A record that fails to decode stops the run, naming it.
         records = records.map(lambda p, y: (_decode(p, size, source.payload_is_path), y),
-                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-                              ).ignore_errors(log_warning=True).cache()
+                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).cache()
 
     n = source.num_records
     first_epoch, offset = divmod(start_example, n)
@@ -380,12 +370,13 @@ def make_train_dataset(data_config: Any, *, global_batch_size: int, seed: int,
         if opts.random_flip:
             u = tf.random.stateless_uniform([], seed=tf.stack([flip_key, i]))
             image = tf.cond(u < 0.5, lambda: tf.reverse(image, axis=[1]), lambda: image)
-        return {"image": tf.cast(image, tf.float32) / 127.5 - 1.0, "label": label}
+        return {"image": tf.cast(image, tf.float32) / 127.5 - 1.0, "label": label, "index": i}
 
     ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if not opts.cache:
         # Last line of defence (folder files were checked at start-up): a record that still fails
-        # to decode is dropped and logged by tf.data instead of ending the run.
+        # to decode is dropped and logged by tf.data instead of ending the run. The 'index' of
+        # the batches counts it, so the resume position stays exact.
         ds = ds.ignore_errors(log_warning=True)
     ds = ds.batch(local_batch, drop_remainder=True)
     options = tf.data.Options()
@@ -403,3 +394,8 @@ def iterate_numpy(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
       A python iterator of dicts of numpy arrays.
     """
     return iter(tfds.as_numpy(ds))
+
+
+def records_consumed(batch: Mapping[str, np.ndarray]) -> int:
+    """The ``start_example`` that resumes a stream right after ``batch`` (its last index + 1)."""
+    return int(batch["index"][-1]) + 1

@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from pdm_jax import io as io_lib
 
 # InceptionV3 and its constants are part of this module's interface.
 from pdm_jax.evaluation.inception_net import (INPUT_SIZE, NUM_CLASSES,  # noqa: F401
@@ -266,22 +267,7 @@ def save_inception_weights(path: str, weights: dict[str, np.ndarray], *, source:
     arrays = {k: v.astype(np.float32) for k, v in arrays.items()}
     data = save(arrays, metadata={"format": FORMAT, "source": source,
                                   "has_logits": str(has_logits).lower()})
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".inception-", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from other users
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    io_lib.write_atomic(path, data)
 
 
 def load_inception(path: str, *, preprocess: str = "adm") -> InceptionFeatureExtractor:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow as tf
 
-from pdm_jax import metrics as run_metrics
+from pdm_jax import io as io_lib
 from pdm_jax.evaluation import metrics
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
@@ -159,4 +159,4 @@ def save_reference(path: str, stats: metrics.FeatureStats, images: np.ndarray | 
         if len(images) != len(stats.pool_sample):
             raise ValueError(f"{len(images)} images but {len(stats.pool_sample)} features.")
         arrays["arr_0"] = images
-    run_metrics.save_npz_atomically(path, arrays)
+    io_lib.save_npz(path, arrays)

@@ -9,6 +9,8 @@ torch is NOT needed: the state_dict is passed as a mapping of numpy arrays (e.g.
 
 from __future__ import annotations
 
+import os
+
 import re
 from typing import Mapping
 
@@ -161,3 +163,36 @@ def unet_config_from_torch_args(args: Mapping) -> UNetConfig:
         num_classes=1000 if args.get("class_cond") else 0,
         learn_sigma=bool(args.get("learn_sigma", True)), dropout=float(args.get("dropout", 0.0)),
         norm_eps=1e-5, out_norm_eps=1e-3)
+
+
+# Wrappers some training scripts put around the state_dict.
+_WRAPPER_KEYS = ("state_dict", "model", "ema")
+
+
+def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
+    """Reads a PyTorch state_dict file as {key: float32 numpy array}.
+
+    Accepts a plain state_dict, or a dict holding one under 'state_dict'/'model'/'ema'; a
+    'module.' prefix (DataParallel) is stripped. Loaded with ``weights_only=True``: no code in
+    the file runs.
+
+    Raises:
+      FileNotFoundError / ValueError: naming the file.
+    """
+    import torch  # the only torch user in pdm_jax
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"PyTorch checkpoint {path} does not exist.")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for bad files
+        raise ValueError(f"Could not read PyTorch checkpoint {path}: {e}") from e
+    if isinstance(obj, dict) and not any(torch.is_tensor(v) for v in obj.values()):
+        for key in _WRAPPER_KEYS:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        raise ValueError(f"{path} does not hold a state_dict (a dict of tensors); got "
+                         f"{type(obj).__name__}.")
+    return {k.removeprefix("module."): v.detach().float().cpu().numpy() for k, v in obj.items()}

@@ -25,6 +25,9 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 class UNetConfig:
     """Architecture of one PDM U-Net. Every field is a config value users may sweep.
 
+    The defaults are those of ``config_lib.base_config()``'s model section, which is built
+    from them.
+
     Attributes:
       image_size: square input resolution in pixels.
       patch_size: P of the space-to-depth step; 1 is a plain ADM U-Net.
@@ -48,7 +51,7 @@ class UNetConfig:
     """
 
     image_size: int = 64
-    patch_size: int = 1
+    patch_size: int = 4
     in_channels: int = 3
     model_channels: int = 128
     channel_mult: tuple[float, ...] = (1, 2, 2, 2)

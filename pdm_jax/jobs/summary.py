@@ -9,12 +9,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import tensorflow as tf
 from flax import nnx
 
-from pdm_jax import config_lib
+from pdm_jax import config_lib, io as io_lib
+from pdm_jax.diffusion.experts import experts_from_config, sampling_steps_per_expert
 from pdm_jax.diffusion.schedules import Schedule
-from pdm_jax.experts import experts_from_config, sampling_steps_per_expert
 from pdm_jax.models.flops import count_macs
 from pdm_jax.models.unet import abstract_model
 
@@ -32,7 +31,7 @@ def summarize(config: ml_collections.ConfigDict, workdir: str | None = None) -> 
       counts the steps of ``sample.steps`` each expert runs. In ``summary.json`` an unbounded
       SNR end is written as ``null`` (strict JSON has no Infinity).
     """
-    config_lib.validate(config)
+    config_lib.validate(config, "summary")
     experts = experts_from_config(config)
     d = config.diffusion
     respaced = Schedule.from_name(d.schedule, d.num_timesteps).respace(config.sample.steps)
@@ -56,9 +55,8 @@ def summarize(config: ml_collections.ConfigDict, workdir: str | None = None) -> 
                                     if expert.warm_start_expert >= 0 else None)})
     summary = {"experts": rows, "sample_steps": config.sample.steps}
     if workdir and jax.process_index() == 0:
-        tf.io.gfile.makedirs(workdir)
-        with tf.io.gfile.GFile(f"{workdir}/summary.json", "w") as f:
-            json.dump(_strict_json(summary), f, indent=2, allow_nan=False)
+        io_lib.write_atomic(f"{workdir}/summary.json",
+                            json.dumps(_strict_json(summary), indent=2, allow_nan=False))
     return summary
 
 
@@ -84,3 +82,10 @@ def format_table(summary: dict) -> str:
                     f"{e['image_size']:>6} {e['params'] / 1e6:>11.2f} "
                     f"{e['gmacs_per_forward']:>10.2f} {e['sampling_steps']:>6}")
     return "\n".join(rows)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """``--mode=summary``: prints the table and writes ``WORKDIR/summary.json``."""
+    result = summarize(config, workdir)
+    print(format_table(result))
+    return result

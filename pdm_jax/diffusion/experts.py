@@ -16,12 +16,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from pdm_jax.diffusion.schedules import Schedule, expert_index_for_steps, steps_in_snr_interval
 from pdm_jax.models.unet import UNetConfig
 
 WHOLE_CHAIN = (0.0, math.inf)
+ModelFn = Callable[[jax.Array, jax.Array, jax.Array | None], tuple[jax.Array, jax.Array | None]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,10 +133,8 @@ def training_timestep_range(expert: Expert, schedule: Schedule) -> tuple[int, in
     return int(schedule.timesteps[steps[0]]), int(schedule.timesteps[steps[-1]])
 
 
-def dispatching_model_fn(
-    experts: Sequence[Expert], graphdefs: Sequence[nnx.GraphDef], params: Sequence[Any],
-    schedule: Schedule,
-) -> Callable[[jax.Array, jax.Array, jax.Array | None], tuple[jax.Array, jax.Array | None]]:
+def dispatching_model_fn(experts: Sequence[Expert], model_fns: Sequence[ModelFn],
+                         schedule: Schedule) -> ModelFn:
     """A model_fn ``(x, t, y) -> (mean, v)`` that runs the expert owning step t.
 
     Inside the jitted sampling scan every sample of the batch is at the same t, so one
@@ -144,25 +142,19 @@ def dispatching_model_fn(
 
     Args:
       experts: the ensemble, in config order.
-      graphdefs: each expert's U-Net graph.
-      params: each expert's (EMA) parameters.
+      model_fns: each expert's network ``(x, t, y) -> (mean, v)``, in the same order.
       schedule: the FULL chain (owners are looked up by original t).
 
     Returns:
       The dispatching model function.
     """
+    if len(model_fns) != len(experts):
+        raise ValueError(f"Got {len(model_fns)} model functions for {len(experts)} experts.")
+    if len(experts) == 1:
+        return model_fns[0]
     owner_of_t = jnp.asarray(check_partition(experts, schedule), jnp.int32)
 
-    def branch(k):
-        def run(x, t, y):
-            return nnx.merge(graphdefs[k], params[k])(x, t, y)
-        return run
-
-    if len(experts) == 1:
-        return branch(0)
-    branches = [branch(k) for k in range(len(experts))]
-
     def model_fn(x, t, y):
-        return jax.lax.switch(owner_of_t[t[0]], branches, x, t, y)
+        return jax.lax.switch(owner_of_t[t[0]], list(model_fns), x, t, y)
 
     return model_fn

@@ -1,8 +1,8 @@
 """The sampler core without TensorFlow or orbax: jitted sharded sampling, labels, batching.
 
-Used by ``--mode=sample`` (sample.py), the training-time grids (train.py) and the standalone
-inference API (inference.py); sharing :func:`sample_images` keeps their rng folding, labels and
-batching identical, so the same seed gives the same images on every path.
+Used by ``--mode=sample`` and ``--mode=eval`` (jobs/), the grids and FID during training and the
+standalone inference API (inference.py); sharing :func:`sample_images` keeps their rng folding,
+labels and batching identical, so the same seed gives the same images on every path.
 """
 
 from __future__ import annotations
@@ -13,14 +13,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from pdm_jax import sharding, train_state
+from pdm_jax import sharding
 from pdm_jax.diffusion import samplers
+from pdm_jax.diffusion.experts import dispatching_model_fn, experts_from_config
 from pdm_jax.diffusion.schedules import Schedule
-from pdm_jax.experts import dispatching_model_fn, experts_from_config
-from pdm_jax.images import to_uint8
+from pdm_jax.io import to_uint8
+from pdm_jax.training.state import model_graphdef
 
 SampleFn = Callable[[list, jax.Array, jax.Array], jax.Array]
 
@@ -45,7 +47,7 @@ def make_sample_fn(config: ml_collections.ConfigDict, mesh: Mesh, *, steps: str,
       The sampling function; ``expert_params`` lists each expert's parameters in config order.
     """
     experts = experts_from_config(config)
-    graphdefs = [train_state.model_graphdef(e.model) for e in experts]
+    graphdefs = [model_graphdef(e.model) for e in experts]
     unet = experts[0].model
     full = Schedule.from_name(config.diffusion.schedule, config.diffusion.num_timesteps)
     schedule = full.respace(steps)
@@ -56,7 +58,10 @@ def make_sample_fn(config: ml_collections.ConfigDict, mesh: Mesh, *, steps: str,
     conditional = unet.num_classes > 0
 
     def sample(expert_params, rng, labels):
-        model_fn = dispatching_model_fn(experts, graphdefs, expert_params, full)
+        # Merged inside each lax.switch branch: only the owning expert's graph is traced there.
+        model_fns = [lambda x, t, y, g=g, p=p: nnx.merge(g, p)(x, t, y)
+                     for g, p in zip(graphdefs, expert_params)]
+        model_fn = dispatching_model_fn(experts, model_fns, full)
         return samplers.sample_loop(
             model_fn, rng, shape, schedule, sampler=sampler, eta=eta,
             parameterization=config.diffusion.parameterization,
@@ -112,7 +117,7 @@ def sample_images(sample_fn: SampleFn, expert_params: Sequence[Any], *, num: int
       seed: base seed.
       num_classes: the model's class count (0: unconditional).
       labels: int32 (num,) class per image; None draws balanced labels (i mod num_classes).
-      on_batch: called with the number of images done after each batch (progress logging).
+      on_batch: called with the number of batches done after each batch (progress reports).
 
     Returns:
       (uint8 NHWC images, int32 labels), both of length ``num``, on every process.
@@ -131,5 +136,5 @@ def sample_images(sample_fn: SampleFn, expert_params: Sequence[Any], *, num: int
         images.append(to_uint8(multihost_utils.process_allgather(batch, tiled=True)))
         used.append(batch_labels)
         if on_batch is not None:
-            on_batch(min(start + batch_size, num))
+            on_batch(start // batch_size + 1)
     return np.concatenate(images)[:num], np.concatenate(used)[:num]
