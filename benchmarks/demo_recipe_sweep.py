@@ -1,9 +1,10 @@
 """Demo recipe sweep: which configs/demo.py recipe draws recognisable emoji soonest?
 
 Trains named recipes (overrides of configs/demo.py) on the demo images with the project's own
-train step (``pdm_jax.train_step``) and sampler (``pdm_jax.sample_lib``), and samples a small
+train step (``pdm_jax.training.step``) and sampler (``pdm_jax.sampling``), and samples a small
 fixed-seed grid at each snapshot step. Writes one contact sheet (a row per recipe, a column per
-snapshot), each grid's PNG, and prints JSON: per recipe the loss curve, steps/s and compile time.
+snapshot), each grid's PNG, and prints JSON: per recipe the loss curve, steps/s and compile time
+(stdout carries that JSON only; logs go to stderr and to each recipe's .log).
 
 The images come from an .npz written once by ``--dump_data`` (needs TensorFlow and tfds), so the
 sweep itself needs only JAX, Flax, optax and ml-collections (it runs on accelerator machines with
@@ -18,7 +19,7 @@ no TensorFlow). Each recipe runs in its own process; ``--parallel`` runs several
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import contextlib
 import json
 import os
 import pathlib
@@ -42,6 +43,8 @@ def _recipe(experts=1, param="x0", weighting="sqrt_snr", lr=1e-3, batch=32, lear
                 diffusion=dict(parameterization=param, weighting=weighting))
 
 
+# Images in each snapshot grid (one sampling batch).
+NUM_GRID = 16
 _CH32 = dict(model_channels=32, num_head_channels=32, num_groups=8)
 RECIPES: dict[str, dict] = {
     "demo": {},
@@ -70,11 +73,9 @@ RECIPES: dict[str, dict] = {
 
 
 def demo_config(arg: str = ""):
-    """``configs/demo.py``'s get_config(arg), imported by path (configs/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("configs_demo", REPO / "configs" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    """``configs/demo.py``'s get_config(arg)."""
+    from pdm_jax import config_lib
+    return config_lib.load_config(REPO / "configs" / "demo.py", arg)
 
 
 def recipe_config(name: str, smoke: bool):
@@ -95,7 +96,15 @@ def recipe_config(name: str, smoke: bool):
         for expert in config.experts:
             expert.get("model", {}).pop("channel_mult", None)
     config.mesh.shape = (-1, 1)
-    config_lib.validate(config)
+    # The checks every mode shares (values, experts, schedule, sampler). Not mode "train": that
+    # also checks the tfds dataset, which the sweep never reads (its images come from an .npz,
+    # so it runs without TensorFlow).
+    config_lib.validate(config, "summary")
+    import jax
+    for what, size in (("train.batch_size", config.train.batch_size), ("grid", NUM_GRID)):
+        if size % jax.device_count():
+            raise ValueError(f"Recipe {name!r}: {what}={size} is not a multiple of the "
+                             f"{jax.device_count()} devices.")
     return config
 
 
@@ -104,8 +113,11 @@ def dump_data(path: str, image_size: int) -> None:
     import hashlib
     from pdm_jax.data import pipeline
     data = dict(demo_config().data.to_dict(), random_flip=False, image_size=image_size)
-    stream = pipeline.iterate_numpy(pipeline.make_train_dataset(
-        data, global_batch_size=256, seed=0, process_index=0, process_count=1))
+    # stdout carries the JSON only: tfds prints "Downloading and preparing dataset ..." there
+    # when it builds the demo set on first use.
+    with contextlib.redirect_stdout(sys.stderr):
+        stream = pipeline.iterate_numpy(pipeline.make_train_dataset(
+            data, global_batch_size=256, seed=0, process_index=0, process_count=1))
     images, labels, seen = [], [], set()
     # The stream repeats epochs: stop once a whole batch brings no new image.
     while True:
@@ -128,11 +140,11 @@ def run_recipe(name: str, data_path: str, steps: int, snapshots: list[int], out:
                grid_steps: str, guidance: float, smoke: bool, deadline: float) -> dict:
     """Trains one recipe, sampling a grid at each snapshot; returns its measurements."""
     import jax
-    import jax.numpy as jnp
-    from pdm_jax import images as images_lib
-    from pdm_jax import sample_lib, sharding, train_state, train_step
+    from pdm_jax import io as io_lib
+    from pdm_jax import sampling, sharding
     from pdm_jax.diffusion.schedules import Schedule
-    from pdm_jax.experts import experts_from_config
+    from pdm_jax.training.state import setup_experts
+    from pdm_jax.training.step import jit_train_step
 
     config = recipe_config(name, smoke)
     data = np.load(data_path)
@@ -144,18 +156,14 @@ def run_recipe(name: str, data_path: str, steps: int, snapshots: list[int], out:
     pixels = pixels.astype(np.float32) / 127.5 - 1.0
     labels = data["labels"]
 
-    experts = experts_from_config(config)
     mesh = sharding.make_mesh(tuple(config.mesh.shape))
     schedule = Schedule.from_name(config.diffusion.schedule, config.diffusion.num_timesteps)
-    txs = [train_state.make_optimizer(e.optim) for e in experts]
-    graphdefs = [train_state.model_graphdef(e.model) for e in experts]
-    state = {e.name: train_state.create_state(e.model, tx, mesh, config.seed + e.index)
-             for e, tx in zip(experts, txs)}
-    step_fn = jax.jit(train_step.make_train_step(config, experts, graphdefs, txs, schedule),
-                      donate_argnums=0)
-    num_grid = 16
-    sample_fn = sample_lib.make_sample_fn(config, mesh, steps=grid_steps, sampler="ddpm", eta=0.0,
-                                          guidance_scale=guidance, batch_size=num_grid)
+    setups = setup_experts(config, mesh)  # every expert, seeded config.seed + index
+    state = {s.name: s.create_state() for s in setups}
+    step_fn = jit_train_step(config, setups, schedule, mesh)
+    num_grid = NUM_GRID
+    sample_fn = sampling.make_sample_fn(config, mesh, steps=grid_steps, sampler="ddpm", eta=0.0,
+                                        guidance_scale=guidance, batch_size=num_grid)
     rng = np.random.default_rng(config.seed)
     batch_size = config.train.batch_size
 
@@ -163,7 +171,7 @@ def run_recipe(name: str, data_path: str, steps: int, snapshots: list[int], out:
         idx = rng.integers(0, len(pixels), batch_size)
         flip = rng.random(batch_size) < 0.5
         x = np.where(flip[:, None, None, None], pixels[idx, :, ::-1], pixels[idx])
-        return {"image": jnp.asarray(x), "label": jnp.asarray(labels[idx])}
+        return sharding.global_batch({"image": x, "label": labels[idx]}, mesh)
 
     losses, grids, started = [], {}, time.perf_counter()
     compile_s = train_s = 0.0
@@ -182,11 +190,11 @@ def run_recipe(name: str, data_path: str, steps: int, snapshots: list[int], out:
             jax.block_until_ready(state)
             train_s += time.perf_counter() - t_train
         if step in snapshots:
-            ema = [state[e.name]["ema"] for e in experts]
-            images, _ = sample_lib.sample_images(sample_fn, ema, num=num_grid, batch_size=num_grid,
-                                                 seed=0, num_classes=config.model.num_classes)
+            ema = [state[s.name]["ema"] for s in setups]
+            images, _ = sampling.sample_images(sample_fn, ema, num=num_grid, batch_size=num_grid,
+                                               seed=0, num_classes=config.model.num_classes)
             path = os.path.join(out, f"{name}_{step:05d}.png")
-            images_lib.save_png_local(path, images_lib.image_grid(images), min_size=0)
+            io_lib.save_png(path, io_lib.image_grid(images), min_size=0)
             grids[step] = path
             if time.time() > deadline:  # keep what is done rather than lose it to a timeout
                 break

@@ -3,10 +3,12 @@
 The same small class-conditional U-Net (same widths; attention at the lowest patched level) is
 trained for the same number of steps on the OpenMoji demo set with each parameterisation
 (``config.diffusion.parameterization``) and each patch size, through the project's own train step
-(``pdm_jax.train_step.make_train_step``: hybrid loss, the x0-space sqrt(SNR) weighting for every
-parameterisation, EMA). Each model is then scored by the unweighted x0 MSE of its EMA weights,
-E||x0 - x0_hat(z_t, t)||^2 per pixel, on a fixed set of demo images and fixed noise at fixed t.
-Prints JSON (and a short table on stderr).
+(``pdm_jax.training.step.jit_train_step``: hybrid loss, the x0-space sqrt(SNR) weighting for
+every parameterisation, EMA). Each model is then scored by the unweighted x0 MSE of its EMA
+weights, E||x0 - x0_hat(z_t, t)||^2 per pixel, on a fixed set of demo images and fixed noise at
+fixed t (``x0_mse``; ``x0_mse_init``: the same for the initial weights, whose zero-initialised
+output layer makes x0_hat the parameterisation's zero-output guess). Prints JSON on stdout and
+nothing else (data preparation and tables go to stderr).
 
   python benchmarks/objective_study.py --steps=300 --image_size=32 --batch=32   # ~15 min, 2 CPUs
   python benchmarks/objective_study.py --smoke                                  # seconds
@@ -15,7 +17,7 @@ Prints JSON (and a short table on stderr).
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import contextlib
 import json
 import pathlib
 import sys
@@ -28,19 +30,17 @@ from flax import nnx
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from pdm_jax import config_lib, sharding, train_state, train_step  # noqa: E402
+from pdm_jax import config_lib, sharding  # noqa: E402
 from pdm_jax.data import pipeline  # noqa: E402
 from pdm_jax.diffusion import losses  # noqa: E402
 from pdm_jax.diffusion.schedules import Schedule  # noqa: E402
-from pdm_jax.experts import experts_from_config  # noqa: E402
+from pdm_jax.training import state as state_lib  # noqa: E402
+from pdm_jax.training import step as step_lib  # noqa: E402
 
 
 def demo_config(parameterization: str, patch: int, args: argparse.Namespace):
     """configs/demo.py as one expert over the whole chain, shrunk to the study's size."""
-    spec = importlib.util.spec_from_file_location("configs_demo", REPO / "configs" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("experts=1")
+    c = config_lib.load_config(REPO / "configs" / "demo.py", "experts=1")
     c.data.image_size = c.model.image_size = args.image_size
     if args.data_dir:
         c.data.data_dir = args.data_dir
@@ -61,7 +61,7 @@ def demo_config(parameterization: str, patch: int, args: argparse.Namespace):
     c.train.batch_size = args.batch
     c.train.ema_decay = args.ema
     c.mesh.shape = (-1, 1)
-    config_lib.validate(c)
+    config_lib.validate(c, "train")
     return c
 
 
@@ -74,43 +74,46 @@ def eval_batch(config, n: int) -> dict[str, np.ndarray]:
 
 
 def train_and_score(config, eval_data: dict, eval_t: list[int]) -> dict:
-    """Trains one model with the project's train step; returns its EMA x0 MSE per eval t."""
-    experts = experts_from_config(config)
-    (expert,) = experts
+    """Trains one model with the project's train step; returns its EMA x0 MSE per eval t (and
+    that of the initial weights)."""
     mesh = sharding.make_mesh(tuple(config.mesh.shape))
     schedule = Schedule.from_name(config.diffusion.schedule, config.diffusion.num_timesteps)
-    tx = train_state.make_optimizer(expert.optim)
-    graphdef = train_state.model_graphdef(expert.model)
-    _, shardings = train_state.state_shardings(expert.model, tx, mesh, config.seed)
-    state = {expert.name: train_state.create_state(expert.model, tx, mesh, config.seed)}
-    step_fn = jax.jit(train_step.make_train_step(config, experts, [graphdef], [tx], schedule),
-                      in_shardings=({expert.name: shardings}, sharding.batch_sharding(mesh)),
-                      donate_argnums=0)
-    batches = pipeline.iterate_numpy(pipeline.make_train_dataset(
-        config.data, global_batch_size=config.train.batch_size, seed=config.seed,
-        process_index=0, process_count=1))
-    start = time.perf_counter()
-    losses_seen = []
-    for _ in range(config.train.num_steps):
-        state, metrics = step_fn(state, sharding.global_batch(next(batches), mesh))
-        losses_seen.append(metrics["loss"])
-    final_loss = float(np.mean(jax.device_get(losses_seen[-20:])))
-    train_s = time.perf_counter() - start
-    ema = state[expert.name]["ema"]
+    (setup,) = state_lib.setup_experts(config, mesh)
+    state = {setup.name: setup.create_state()}
+    step_fn = step_lib.jit_train_step(config, [setup], schedule, mesh)
 
     @jax.jit
     def x0_mse(params, x0, noise, t, y):
         z = losses.q_sample(schedule, x0, t, noise)
-        mean_out, _ = nnx.merge(graphdef, params)(z, t, y)
+        mean_out, _ = nnx.merge(setup.graphdef, params)(z, t, y)
         x0_hat = losses.predict_x0(schedule, mean_out, z, t, config.diffusion.parameterization)
         return jnp.mean((x0 - x0_hat) ** 2)
 
     x0 = jnp.asarray(eval_data["image"])
-    y = jnp.asarray(eval_data["label"]) if expert.model.num_classes else None
+    y = jnp.asarray(eval_data["label"]) if setup.expert.model.num_classes else None
     noise = jax.random.normal(jax.random.PRNGKey(7), x0.shape, jnp.float32)
-    mse = {str(t): float(x0_mse(ema, x0, noise, jnp.full((x0.shape[0],), t, jnp.int32), y))
-           for t in eval_t}
-    return {"x0_mse": mse, "train_s": train_s, "final_train_loss": final_loss}
+
+    def score(params) -> dict[str, float]:
+        return {str(t): float(x0_mse(params, x0, noise, jnp.full((x0.shape[0],), t, jnp.int32),
+                                     y))
+                for t in eval_t}
+
+    init_mse = score(state[setup.name]["ema"])  # before the first step donates the state
+    with contextlib.redirect_stdout(sys.stderr):  # tfds may prepare the demo set here
+        batches = pipeline.iterate_numpy(pipeline.make_train_dataset(
+            config.data, global_batch_size=config.train.batch_size, seed=config.seed,
+            process_index=0, process_count=1))
+    start = time.perf_counter()
+    losses_seen = []
+    for _ in range(config.train.num_steps):
+        batch = next(batches)
+        state, metrics = step_fn(state, sharding.global_batch(
+            {k: batch[k] for k in ("image", "label")}, mesh))
+        losses_seen.append(metrics["loss"])
+    final_loss = float(np.mean(jax.device_get(losses_seen[-20:])))
+    train_s = time.perf_counter() - start
+    return {"x0_mse": score(state[setup.name]["ema"]), "x0_mse_init": init_mse,
+            "train_s": train_s, "final_train_loss": final_loss}
 
 
 def main() -> None:
@@ -145,8 +148,12 @@ def main() -> None:
     eval_t = [int(t) for t in args.eval_t.split(",")]
     if any(not 0 <= t < 1000 for t in eval_t):
         raise ValueError(f"--eval_t={args.eval_t}: every t must lie in [0, 999].")
-    configs = {(p, q): demo_config(q, p, args) for p in patch_sizes for q in parameterizations}
-    eval_data = eval_batch(next(iter(configs.values())), args.eval_images)
+    # stdout carries the JSON only: tfds prints "Downloading and preparing dataset ..." there
+    # when it builds the demo set on first use.
+    with contextlib.redirect_stdout(sys.stderr):
+        configs = {(p, q): demo_config(q, p, args) for p in patch_sizes
+                   for q in parameterizations}
+        eval_data = eval_batch(next(iter(configs.values())), args.eval_images)
     results = []
     for (patch, parameterization), config in configs.items():
         row = {"patch_size": patch, "parameterization": parameterization,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import pathlib
 import statistics
@@ -35,22 +34,20 @@ from flax import nnx
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from pdm_jax import train_state  # noqa: E402
+from pdm_jax import config_lib  # noqa: E402
 from pdm_jax.diffusion import samplers  # noqa: E402
+from pdm_jax.diffusion.experts import dispatching_model_fn, experts_from_config  # noqa: E402
 from pdm_jax.diffusion.schedules import Schedule, expert_index_for_steps  # noqa: E402
-from pdm_jax.experts import dispatching_model_fn, experts_from_config  # noqa: E402
 from pdm_jax.models.unet import UNet  # noqa: E402
+from pdm_jax.training.state import model_graphdef  # noqa: E402
 
 VARIANTS = ("unpatched", "patched", "project")
 
 
 def imagenet_config(variant: str, args: argparse.Namespace):
     """configs/imagenet256.py for a variant, with the CPU overrides of ``args`` on every expert."""
-    spec = importlib.util.spec_from_file_location("configs_in256", REPO / "configs" /
-                                                  "imagenet256.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("recipe=project" if variant == "project" else "recipe=paper")
+    c = config_lib.load_config(REPO / "configs" / "imagenet256.py",
+                               "recipe=project" if variant == "project" else "recipe=paper")
     c.model.image_size = c.data.image_size = args.image_size
     c.model.dtype = args.dtype
     experts = [dict(e) for e in c.experts]
@@ -99,7 +96,7 @@ def measure_variant(variant: str, args: argparse.Namespace) -> dict:
     full = Schedule.from_name(config.diffusion.schedule, config.diffusion.num_timesteps)
     chain = full.respace(str(args.steps))
     owners = expert_index_for_steps(chain, [e.snr_interval for e in experts])
-    graphdefs = [train_state.model_graphdef(e.model) for e in experts]
+    graphdefs = [model_graphdef(e.model) for e in experts]
     params = [random_params(e.model, e.index) for e in experts]
     unet = experts[0].model
     shape = (args.batch, unet.image_size, unet.image_size, unet.in_channels)
@@ -113,7 +110,10 @@ def measure_variant(variant: str, args: argparse.Namespace) -> dict:
         sub = sub_schedule(chain, np.arange(start, start + k))
 
         def sample(params, rng, labels, sub=sub):
-            model_fn = dispatching_model_fn(experts, graphdefs, params, full)
+            # As pdm_jax.sampling: each expert's graph is merged inside its lax.switch branch.
+            model_fns = [lambda x, t, y, g=g, p=p: nnx.merge(g, p)(x, t, y)
+                         for g, p in zip(graphdefs, params)]
+            model_fn = dispatching_model_fn(experts, model_fns, full)
             return samplers.sample_loop(
                 model_fn, rng, shape, sub, sampler="ddpm",
                 parameterization=config.diffusion.parameterization, labels=labels,

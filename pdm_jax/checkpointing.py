@@ -33,6 +33,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.sharding import Mesh
+from orbax.checkpoint._src.metadata import array_metadata_store as array_metadata_store_lib
 
 from pdm_jax import config_lib
 from pdm_jax.sharding import path_str
@@ -56,7 +57,8 @@ def _first_non_finite(state: Any) -> str | None:
     """The path of the first floating leaf holding NaN/Inf, or None if all are finite."""
     named = [(path_str(path), leaf)
              for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
-             if jnp.issubdtype(getattr(leaf, "dtype", np.result_type(leaf)), jnp.inexact)]
+             if jnp.issubdtype(leaf.dtype if hasattr(leaf, "dtype") else np.result_type(leaf),
+                               jnp.inexact)]
     if not named:
         return None
     flags = np.asarray(jax.device_get(_finite_flags([leaf for _, leaf in named])))
@@ -80,6 +82,23 @@ def wait_for_all_processes(name: str, timeout_s: int = 3600) -> None:
     """
     if jax.process_count() > 1:
         ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)
+
+
+def _configure_array_writes() -> None:
+    """One process writes whole replicated arrays; only several hosts split them.
+
+    Orbax's replica-parallel saving splits every replicated array among its replicas so that
+    several hosts share the writing; within one process it gains nothing and jit-compiles a
+    slicing program per array shape and replica (hundreds, about 10 s per expert on a CPU with
+    8 devices, before the first save can start).
+    """
+    # The array metadata store (as in orbax's default handler) records typed PRNG keys;
+    # without it they restore as raw uint32 key data.
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(
+            use_replica_parallel=jax.process_count() > 1,
+            array_metadata_store=array_metadata_store_lib.Store()),
+        override=True)
 
 
 def _is_complete_step(step_dir: epath.Path) -> bool:
@@ -137,6 +156,7 @@ class Checkpointer:
         self.signature = dict(signature) if signature is not None else None
         self._interval = save_interval_steps
         self._path = path
+        _configure_array_writes()
         if writer:
             _set_aside_incomplete_steps(path)
         wait_for_all_processes(f"pdm_jax_checkpoint_dir_checked:{self.directory}")
@@ -325,10 +345,10 @@ class ExpertCheckpoints:
     def save(self, step: int, states: Mapping[str, State], metadata: Mapping[str, Any]) -> None:
         """Starts saving every trained expert at ``step``, after pruning steps that a complete
         newer set makes redundant (never the newest ``keep`` complete steps)."""
+        self._prune()  # waits for the save in flight first
         if step in self.complete_steps():
             logging.info("Checkpoint step %d exists already; not saving it again.", step)
             return
-        self._prune()
         for name, ckpt in self._ckpts.items():
             ckpt.save(step, states[name], metadata)
 

@@ -365,7 +365,10 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train",
 
     if mode in ("train", "ref_stats", "analyze"):
         from pdm_jax.data import pipeline
-        data_classes = pipeline.check_available(config.data)
+        data = config.data
+        if mode == "analyze":  # reads images only (jobs/analyze.py drops the labels)
+            data = dict(data.to_dict(), class_conditional=False)
+        data_classes = pipeline.check_available(data)
         if mode == "train" and config.data.class_conditional and data_classes > model.num_classes:
             # Labels >= num_classes would be the null label or embed as NaN.
             raise ValueError(f"data {config.data.name!r} has {data_classes} classes but "

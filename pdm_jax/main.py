@@ -57,10 +57,25 @@ def _with_run_config(config, workdir: str):
                                         config_flags.get_override_values(FLAGS["config"]))
 
 
+def _default_compilation_cache() -> None:
+    """A persistent XLA compilation cache unless one is configured: a restarted or resumed run
+    loads its train step instead of compiling it again (seconds instead of minutes).
+
+    Default ``$XDG_CACHE_HOME/pdm_jax/xla`` (``~/.cache/...``); JAX_COMPILATION_CACHE_DIR or
+    --jax_compilation_cache_dir choose another, PDM_JAX_COMPILATION_CACHE=0 turns it off. A
+    torn entry (a process killed while writing it) is reported by JAX and compiled again.
+    """
+    if jax.config.jax_compilation_cache_dir or os.environ.get("PDM_JAX_COMPILATION_CACHE") == "0":
+        return
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    jax.config.update("jax_compilation_cache_dir", os.path.join(base, "pdm_jax", "xla"))
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    _default_compilation_cache()
     from pdm_jax import sharding
     from pdm_jax.data import pipeline
 

@@ -1,6 +1,9 @@
-"""Test set-up: 8 virtual CPU devices so every sharding path runs, set before JAX initialises."""
+"""Test set-up: 8 virtual CPU devices so every sharding path runs, set before JAX initialises;
+one persistent XLA cache shared by every test process of a session; the shared trained run."""
 
 import os
+import pathlib
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -8,14 +11,32 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import pathlib  # noqa: E402
-
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from pdm_jax import config_lib  # noqa: E402
+
 jax.config.update("jax_default_matmul_precision", "highest")
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN_DIR = pathlib.Path(__file__).parent / "golden"
+
+
+def pytest_configure(config):
+    """One persistent XLA compilation cache for the session, shared by the xdist workers and
+    every subprocess they start (through the environment): a program that several test files
+    (or a test and the subprocess it starts) build is compiled once. Threshold 0: orbax's
+    checkpoint writes also jit hundreds of tiny slices, and loading those is cheaper than
+    compiling them again."""
+    run = getattr(config, "workerinput", {}).get("testrunuid") or f"pid{os.getpid()}"
+    path = os.path.join(tempfile.gettempdir(), f"pdm_jax_tests_xla_cache_{run}")
+    os.makedirs(path, exist_ok=True)
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=path,
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(scope="session")
@@ -23,36 +44,94 @@ def golden_dir() -> pathlib.Path:
     return GOLDEN_DIR
 
 
-@pytest.fixture(scope="module")
-def xla_cache(tmp_path_factory):
-    """A persistent XLA compilation cache for one test module (and the subprocesses it starts).
-
-    Tests that build the same jitted program several times (train() calls, a fresh process
-    loading an export, two feature functions of one network) then compile it once. Threshold 0:
-    orbax's checkpoint writes also jit hundreds of tiny slices, and loading those is cheaper
-    than compiling them again. Yields the cache directory; restores the previous settings.
-    """
-    from jax.experimental.compilation_cache import compilation_cache
-
-    path = str(tmp_path_factory.mktemp("xla_cache"))
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    previous = {name: getattr(jax.config, name) for name in names}
-    for name, value in zip(names, (path, 0.0, 0)):
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-    yield path
-    for name, value in previous.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
+@pytest.fixture(scope="session")
+def xla_cache() -> str:
+    """The session's persistent XLA cache directory (set for every test; see pytest_configure)."""
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 
-# The test files whose module fixtures train or compile large programs, longest first. With
-# `-n 2 --dist loadfile` xdist hands out whole files in collection order, so starting the long
-# ones first keeps both workers busy to the end instead of one finishing a long file alone.
+def demo_config(arg: str = "smoke"):
+    """``configs/demo.py``'s get_config(arg)."""
+    return config_lib.load_config(REPO / "configs" / "demo.py", arg)
+
+
+def load_config(name: str, arg: str = "smoke"):
+    """``configs/<name>.py``'s get_config(arg)."""
+    return config_lib.load_config(REPO / "configs" / f"{name}.py", arg)
+
+
+def write_pngs(root: pathlib.Path, images_per_class: dict) -> pathlib.Path:
+    """Writes uint8 HWC arrays as PNGs into one sub-folder per class; returns ``root``."""
+    from PIL import Image
+
+    for name, images in images_per_class.items():
+        (root / name).mkdir(parents=True)
+        for i, image in enumerate(images):
+            Image.fromarray(image).save(root / name / f"{i:02d}.png")
+    return root
+
+
+def ramp_images():
+    """16 images of 20x24 px in 2 classes: horizontal vs vertical colour ramps."""
+    import numpy as np
+
+    ramp = np.linspace(0, 255, 24)
+    colours = [np.array(c) / 255 for c in
+               ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0),
+                (0, 255, 255), (255, 0, 255), (255, 128, 0), (128, 128, 255))]
+    horizontal = [np.broadcast_to(ramp[None, :, None] * c, (20, 24, 3)).astype(np.uint8)
+                  for c in colours]
+    vertical = [np.broadcast_to(ramp[:20, None, None] * c, (20, 24, 3)).astype(np.uint8)
+                for c in colours]
+    return {"horizontal": horizontal, "vertical": vertical}
+
+
+@pytest.fixture(scope="session")
+def folder16(tmp_path_factory) -> pathlib.Path:
+    """An image folder: 16 PNGs of 20x24 px in 2 class sub-folders (colour ramps)."""
+    return write_pngs(tmp_path_factory.mktemp("folder16"), ramp_images())
+
+
+TRAINED_STEPS = 30
+
+
+def folder_config(folder, *, num_steps: int, ckpt_every: int):
+    """configs/demo.py:smoke (two experts, 16x16, batch 16) on an image folder; runs that differ
+    only in these host-side fields lower the same train step."""
+    c = demo_config("smoke")
+    c.data.name, c.data.folder = "folder", str(folder)
+    c.train.num_steps, c.ckpt.every = num_steps, ckpt_every
+    return c
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, folder16):
+    """The session's one trained two-expert run: TRAINED_STEPS steps of configs/demo.py:smoke on
+    ``folder16``, one checkpoint at the end. Shared by the files of xdist group "trained_run"
+    (training end to end, export and inference), so the suite trains it once."""
+    import types
+
+    from pdm_jax.jobs import train
+
+    workdir = tmp_path_factory.mktemp("trained_run")
+    config = folder_config(folder16, num_steps=TRAINED_STEPS, ckpt_every=TRAINED_STEPS)
+    state = train.run(config, str(workdir))
+    return types.SimpleNamespace(workdir=workdir, config=config, state=state, folder=folder16)
+
+
+# The test files whose fixtures train or compile large programs, longest first. With
+# `-n 2 --dist loadgroup` xdist hands out whole groups in collection order (a group is a file,
+# or files that share a session fixture through an explicit xdist_group mark), so starting the
+# long ones first keeps both workers busy to the end.
 LONG_FILES = ("test_train_e2e.py", "test_export.py", "test_multiprocess.py",
               "test_fid_metrics.py", "test_experts.py", "test_inception.py", "test_benchmarks.py",
               "test_topology_restore.py", "test_analysis.py", "test_main_cli.py")
+
+
+def pytest_itemcollected(item):
+    """A file is one xdist group unless it names a shared one (before xdist reads the groups)."""
+    if item.get_closest_marker("xdist_group") is None:
+        item.add_marker(pytest.mark.xdist_group(item.path.name))
 
 
 def pytest_collection_modifyitems(config, items):

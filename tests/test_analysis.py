@@ -7,7 +7,6 @@ streams over data chunks in float32, so agreement is to float32 round-off.
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -15,11 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pdm_jax import analyze, config_lib
+from conftest import REPO, demo_config
+from pdm_jax import config_lib
+from pdm_jax.analysis import blur
 from pdm_jax.analysis.optimal_denoiser import blur_rmse, optimal_denoiser, patch_blur
 from pdm_jax.diffusion.schedules import Schedule
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 SCHEDULE = Schedule.from_name("linear")
 
 
@@ -103,11 +103,11 @@ def test_blur_measure_zero_at_p1_and_grows_with_p_at_high_snr():
     data = rng.uniform(-1, 1, (24, 16, 16, 3)).astype(np.float32)
     queries, abar = data[:6], float(SCHEDULE.alphas_cumprod[20])  # SNR ~ 300
     z = noisy(queries, rng.standard_normal(queries.shape).astype(np.float32), abar)
-    table = analyze.blur_table(data, queries, SCHEDULE, [20, 999], [1, 2, 4, 8], 8, seed=0)
+    table = blur.blur_table(data, queries, SCHEDULE, [20, 999], [1, 2, 4, 8], 8, seed=0)
     high, low = table["rows"]
     assert high["relative_blur"]["1"] == 0.0
-    blur = [high["denoiser_blur_rmse"][str(p)] for p in (2, 4, 8)]
-    assert blur[0] < blur[1] < blur[2], blur
+    rmse = [high["denoiser_blur_rmse"][str(p)] for p in (2, 4, 8)]
+    assert rmse[0] < rmse[1] < rmse[2], rmse
     assert high["relative_blur"]["4"] == pytest.approx(1.0, abs=0.02)  # E[x|z] = the query
     # At pure noise E[x|z] is the data mean: far less patch detail than any one image.
     assert low["relative_blur"]["4"] < 0.5 * high["relative_blur"]["4"]
@@ -115,21 +115,20 @@ def test_blur_measure_zero_at_p1_and_grows_with_p_at_high_snr():
 
 
 def test_timesteps_and_validation():
-    c = config_lib.base_config()
-    c.data.image_size = 16
+    c = demo_config("smoke")  # data.image_size = 16
     c.analysis.num_timesteps = 5
-    assert analyze.analysis_timesteps(c.analysis, 1000) == [0, 250, 500, 749, 999]
+    assert blur.analysis_timesteps(c.analysis, 1000) == [0, 250, 500, 749, 999]
     c.analysis.timesteps = (999, 0, 999)
-    assert analyze.analysis_timesteps(c.analysis, 1000) == [0, 999]
-    assert analyze.split_timestep(SCHEDULE) == 396
-    analyze.validate(c)
+    assert blur.analysis_timesteps(c.analysis, 1000) == [0, 999]
+    assert blur.split_timestep(SCHEDULE) == 396
+    config_lib.validate(c, "analyze")
     c.analysis.patch_sizes = (2, 3)
     with pytest.raises(ValueError, match="patch_sizes has 3"):
-        analyze.validate(c)
+        config_lib.validate(c, "analyze")
     c.analysis.patch_sizes = (2,)
     c.analysis.timesteps = (1000,)
     with pytest.raises(ValueError, match=r"\[1000\] outside"):
-        analyze.validate(c)
+        config_lib.validate(c, "analyze")
 
 
 def test_mode_analyze_end_to_end(tmp_path):
@@ -142,6 +141,8 @@ def test_mode_analyze_end_to_end(tmp_path):
         Image.fromarray(image).save(folder / f"{i:02d}.png")
     workdir = tmp_path / "work"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    # The demo config is class-conditional and the folder has no labels: the analysis reads
+    # images only, so it must not be refused for that.
     cmd = [sys.executable, "-m", "pdm_jax.main", "--config=configs/demo.py:smoke",
            f"--workdir={workdir}", "--mode=analyze", "--config.data.name=folder",
            f"--config.data.folder={folder}", "--config.analysis.num_data=32",

@@ -1,4 +1,5 @@
-"""Input pipeline (SPEC 7, 10): sources, preprocessing, per-process split, determinism, resume."""
+"""Input pipeline (SPEC 7, 10): sources, preprocessing, per-process split, determinism, resume,
+stream positions that survive dropped records, availability checks."""
 
 import hashlib
 import logging
@@ -9,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from pdm_jax.data import emoji_demo, pipeline
+from pdm_jax.data import emoji_demo, folders, pipeline
 
 
 def _take(ds, n):
@@ -71,9 +72,12 @@ def test_mock_imagenet_batches_have_shape_dtype_range_and_sorted_synset_labels()
         batches = _take(pipeline.make_train_dataset(
             config, global_batch_size=8, seed=0, process_index=0, process_count=1), 3)
         names = pipeline.class_names(config)
-    for b in batches:
+    for k, b in enumerate(batches):
+        assert b.keys() == {"image", "label", "index"}
         assert b["image"].shape == (8, 16, 16, 3) and b["image"].dtype == np.float32
         assert b["label"].shape == (8,) and b["label"].dtype == np.int32
+        assert b["index"].dtype == np.int64
+        np.testing.assert_array_equal(b["index"], np.arange(8 * k, 8 * k + 8))
         assert -1.0 <= b["image"].min() and b["image"].max() <= 1.0
         assert b["image"].std() > 0.1  # Mock images are noise, not a constant fill.
         assert ((0 <= b["label"]) & (b["label"] < 1000)).all()
@@ -109,7 +113,7 @@ def test_image_folder_skips_bad_files_and_labels_by_sorted_folder_name(tmp_path,
     (tmp_path / "b_blue" / "notes.txt").write_text("not an image")
 
     with caplog.at_level(logging.WARNING):
-        scan = pipeline.scan_image_folder(str(tmp_path))
+        scan = folders.scan_image_folder(str(tmp_path))
     assert scan.class_names == ["a_red", "b_blue"]
     assert sorted(os.path.basename(p) for p in scan.skipped) == [
         "broken.png", "notes.txt", "truncated.jpg"]
@@ -119,6 +123,8 @@ def test_image_folder_skips_bad_files_and_labels_by_sorted_folder_name(tmp_path,
     config = dict(name="folder", folder=str(tmp_path), image_size=16, shuffle_buffer=10,
                   random_flip=True, class_conditional=True)
     assert pipeline.class_names(config) == ["a_red", "b_blue"]
+    assert pipeline.check_available(config) == 2 and pipeline.dataset_size(config) == 6
+    assert pipeline.check_available(dict(config, class_conditional=False)) == 0
     batches = _take(pipeline.make_train_dataset(
         config, global_batch_size=6, seed=0, process_index=0, process_count=1), 4)
     for b in batches:
@@ -153,16 +159,45 @@ def test_resume_from_start_example_is_bitwise_equal(noise_folder, cache):
     config = _noise_config(noise_folder, cache=cache)
     kwargs = dict(global_batch_size=4, seed=3, process_index=0, process_count=1)
     full = _take(pipeline.make_train_dataset(config, **kwargs), 12)  # 48 examples, ~4 epochs.
+    for k, batch in enumerate(full):  # 'index': each example's position in the stream
+        np.testing.assert_array_equal(batch["index"], np.arange(4 * k, 4 * k + 4))
     for k in (1, 5, 9):  # Resume inside epoch 0, across into epoch 1, and in epoch 2.
-        resumed = _take(pipeline.make_train_dataset(config, start_example=4 * k, **kwargs), 3)
+        start = pipeline.records_consumed(full[k - 1])
+        assert start == 4 * k
+        resumed = _take(pipeline.make_train_dataset(config, start_example=start, **kwargs), 3)
         for j, batch in enumerate(resumed):
             np.testing.assert_array_equal(batch["image"], full[k + j]["image"])
             np.testing.assert_array_equal(batch["label"], full[k + j]["label"])
+            np.testing.assert_array_equal(batch["index"], full[k + j]["index"])
     # The flip really happens: some element differs from its unflipped twin.
     plain = _take(pipeline.make_train_dataset(dict(config, random_flip=False), **kwargs), 12)
     flipped = [np.array_equal(f, p[:, ::-1]) and not np.array_equal(f, p)
                for fb, pb in zip(full, plain) for f, p in zip(fb["image"], pb["image"])]
     assert 0.2 < np.mean(flipped) < 0.8
+
+
+def test_a_record_that_fails_to_decode_is_dropped_and_the_resume_position_counts_it(tmp_path):
+    rng = np.random.default_rng(5)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    config = _noise_config(str(tmp_path), shuffle_buffer=0, random_flip=False)
+    kwargs = dict(global_batch_size=4, seed=0, process_index=0, process_count=1)
+    intact = _take(pipeline.make_train_dataset(config, **kwargs), 4)  # scans the folder once
+    # The file breaks after the start-up scan (this process keeps the scan's file list).
+    (tmp_path / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    broken = _take(pipeline.make_train_dataset(config, **kwargs), 3)
+    # Stream positions 3 and 11 (record 3 in epochs 0 and 1) are dropped, not decoded.
+    assert [b["index"].tolist() for b in broken] == [[0, 1, 2, 4], [5, 6, 7, 8], [9, 10, 12, 13]]
+    flat = {int(i): im for b in intact for i, im in zip(b["index"], b["image"])}
+    for b in broken:
+        for i, im in zip(b["index"], b["image"]):
+            np.testing.assert_array_equal(im, flat[int(i)])
+    # Resuming at records_consumed() continues exactly where the stream was.
+    start = pipeline.records_consumed(broken[0])
+    assert start == 5
+    (resumed,) = _take(pipeline.make_train_dataset(config, start_example=start, **kwargs), 1)
+    np.testing.assert_array_equal(resumed["index"], [5, 6, 7, 8])
+    np.testing.assert_array_equal(resumed["image"], broken[1]["image"])
 
 
 def test_demo_processes_read_disjoint_halves(demo_dir):
@@ -267,3 +302,23 @@ def test_bad_arguments_raise_value_error_naming_the_value(config, kwargs, match)
     args = dict(dict(global_batch_size=8, seed=0, process_index=0, process_count=1), **kwargs)
     with pytest.raises(ValueError, match=match):
         pipeline.make_train_dataset(config, **args)
+
+
+def test_check_available_names_what_a_manual_download_dataset_needs(tmp_path):
+    config = dict(name="imagenet2012", image_size=8, data_dir=str(tmp_path / "tfds"))
+    hint = (r"pass --config.data.manual_dir=DIR holding the manual download "
+            r"\(ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar\), or "
+            r"--config.data.data_dir=DIR where it is prepared already\.$")
+    with pytest.raises(FileNotFoundError, match=r"^Dataset 'imagenet2012' is not prepared in "
+                                                r".*tfds.* needs a manual download: " + hint):
+        pipeline.check_available(config)
+    missing_dir = str(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match=rf"^data.manual_dir='{missing_dir}' is not a "
+                                                rf"directory; " + hint):
+        pipeline.check_available(dict(config, manual_dir=missing_dir))
+    (tmp_path / "ILSVRC2012_img_val.tar").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"lacks \['ILSVRC2012_img_train.tar'\] that "
+                                                r"'imagenet2012' needs"):
+        pipeline.check_available(dict(config, manual_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="Unknown dataset name 'no_such_dataset_xyz'"):
+        pipeline.check_available(dict(name="no_such_dataset_xyz", image_size=8))

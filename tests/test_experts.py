@@ -1,9 +1,7 @@
 """Timestep-split ensembles (SPEC 6): interval validation, dispatch, per-expert training, warm
 start and the released recipes' summaries."""
 
-import importlib.util
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -12,19 +10,14 @@ import pytest
 import tensorflow_datasets as tfds
 from flax import nnx
 
-from pdm_jax import sample, sharding, summary, train, train_state
-from pdm_jax.diffusion.schedules import Schedule
-from pdm_jax.experts import (
+from conftest import load_config
+from pdm_jax import checkpointing, io as io_lib, sampling, sharding
+from pdm_jax.diffusion.experts import (
     dispatching_model_fn, experts_from_config, sampling_steps_per_expert)
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load_config(name: str, arg: str | None = None):
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+from pdm_jax.diffusion.schedules import Schedule
+from pdm_jax.jobs import summary
+from pdm_jax.jobs import train as train_job
+from pdm_jax.training import state as state_lib
 
 
 @pytest.mark.parametrize("intervals, message", [
@@ -51,7 +44,7 @@ def test_expert_override_typos_and_mismatched_experts_are_rejected():
 
 
 def test_linear_250_steps_split_at_snr_quarter_gives_99_and_151():
-    config = load_config("imagenet256")
+    config = load_config("imagenet256", None)
     experts = experts_from_config(config)
     respaced = Schedule.from_name("linear").respace("250")
     assert [e.snr_interval for e in experts] == [(0.25, math.inf), (0.0, 0.25)]
@@ -59,7 +52,7 @@ def test_linear_250_steps_split_at_snr_quarter_gives_99_and_151():
 
 
 def test_imagenet_summary_project_and_paper_recipes():
-    project = summary.summarize(load_config("imagenet256"))["experts"]
+    project = summary.summarize(load_config("imagenet256", None))["experts"]
     assert [e["patch_size"] for e in project] == [1, 4]
     assert [e["snr_interval"] for e in project] == [[0.25, math.inf], [0.0, 0.25]]
     assert [e["sampling_steps"] for e in project] == [99, 151]
@@ -85,38 +78,58 @@ def test_recipe_configs_hit_the_spec_table(name, arg, params_m, gmacs):
     assert abs(expert["gmacs_per_forward"] - gmacs) / gmacs < 0.02
 
 
-def _random_params(expert, seed):
-    model = nnx.eval_shape(lambda: __import__("pdm_jax.models.unet", fromlist=["UNet"]).UNet(
-        expert.model, rngs=nnx.Rngs(0)))
+def random_state(abstract, seed: int):
+    """Random values for every leaf of an abstract state (ShapeDtypeStructs with shardings),
+    each placed with its leaf's sharding: floats N(0, 0.2^2), integers and key data uniform.
+
+    The train state's rng is a raw uint32 key (jax.random.PRNGKey); a typed key leaf would get
+    random key data wrapped as a key of its own implementation.
+    """
     rng = np.random.default_rng(seed)
-    state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return jax.tree.map(lambda a: jnp.asarray(0.2 * rng.standard_normal(a.shape), a.dtype),
-                        state)
+
+    def one(leaf):
+        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            shape = jax.eval_shape(jax.random.key_data, leaf).shape
+            data = rng.integers(0, 2**32, shape, dtype=np.uint32)
+            return jax.device_put(jax.random.wrap_key_data(data, impl=leaf.dtype._impl),
+                                  leaf.sharding)
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            value = 0.2 * rng.standard_normal(leaf.shape)
+        else:
+            value = rng.integers(0, 1000, leaf.shape)
+        return jax.device_put(np.asarray(value, leaf.dtype), leaf.sharding)
+
+    return jax.tree.map(one, abstract)
 
 
 def test_dispatch_runs_only_the_owning_expert_and_sampling_uses_both():
     config = load_config("demo", "smoke")
     experts = experts_from_config(config)
-    graphdefs = [train_state.model_graphdef(e.model) for e in experts]
-    params = [_random_params(e, k) for k, e in enumerate(experts)]
+    graphdefs = [state_lib.model_graphdef(e.model) for e in experts]
+    mesh = sharding.make_mesh((-1, 1))
+    params = [random_state(s.abstract["params"], k)
+              for k, s in enumerate(state_lib.setup_experts(config, mesh))]
     perturbed = [params[0], jax.tree.map(lambda a: a + 0.1, params[1])]
     full = Schedule.from_name("linear")
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32)
     y = jnp.array([1, 8])
 
+    def dispatch(p, x, t, y):
+        model_fns = [lambda x, t, y, g=g, q=q: nnx.merge(g, q)(x, t, y)
+                     for g, q in zip(graphdefs, p)]
+        return dispatching_model_fn(experts, model_fns, full)(x, t, y)
+
     def run(p, t):
-        fn = jax.jit(lambda p, x, t, y: dispatching_model_fn(experts, graphdefs, p, full)(x, t, y))
-        return fn(p, x, jnp.full((2,), t, jnp.int32), y)[0]
+        return jax.jit(dispatch)(p, x, jnp.full((2,), t, jnp.int32), y)[0]
 
     # t=395 belongs to the low-noise expert 0, t=396 to the high-noise expert 1.
     np.testing.assert_array_equal(run(params, 395), run(perturbed, 395))
     assert not np.allclose(run(params, 396), run(perturbed, 396))
     # The sampler calls the dispatch inside its scan: perturbing either expert changes samples.
-    mesh = sharding.make_mesh((-1, 1))
     # Unguided: with guidance the x0 of the last steps is x_t - sqrt(1 - abar) eps, which hides
     # most of the low-noise expert's output; the guided dispatch is the same lax.switch.
-    sample_fn = sample.make_sample_fn(config, mesh, steps="10", sampler="ddim", eta=0.0,
-                                      guidance_scale=1.0, batch_size=8)
+    sample_fn = sampling.make_sample_fn(config, mesh, steps="10", sampler="ddim", eta=0.0,
+                                        guidance_scale=1.0, batch_size=8)
     labels = jnp.arange(8) % 8
     base = np.asarray(sample_fn(params, jax.random.PRNGKey(0), labels))
     for k in range(2):
@@ -127,45 +140,107 @@ def test_dispatch_runs_only_the_owning_expert_and_sampling_uses_both():
 
 
 @pytest.fixture(scope="module")
-def paper_workdir(tmp_path_factory):
-    """The paper recipe at smoke size: expert 1 (high noise) trained alone for 2 steps."""
+def paper_source(tmp_path_factory):
+    """The paper recipe at smoke size with a checkpoint of expert 1 (high noise) only: a random
+    train state saved at step 2, as training expert 1 alone would leave it (no train step runs).
+
+    Returns:
+      (workdir, config, the saved state as host numpy arrays).
+    """
     workdir = str(tmp_path_factory.mktemp("paper"))
+    config = load_config("imagenet256", "smoke,recipe=paper")
+    mesh = sharding.make_mesh((-1, 1))
+    (setup,) = state_lib.setup_experts(config, mesh, [1])
+    state = random_state(setup.abstract, seed=1)
+    io_lib.write_atomic(f"{workdir}/{checkpointing.CONFIG_FILE}",
+                        config.to_json_best_effort(indent=2, sort_keys=True))
+    ckpts = checkpointing.ExpertCheckpoints(workdir, [setup], every=1, keep=1, async_save=False)
+    ckpts.save(2, {setup.name: state}, {})
+    ckpts.close()
+    return workdir, config, jax.device_get(state)
+
+
+def test_warm_start_copies_the_source_ema_exactly(paper_source):
+    workdir, config, source = paper_source
+    mesh = sharding.make_mesh((-1, 1))
+    (low,) = state_lib.setup_experts(config, mesh, [0])
+    assert (low.expert.warm_start_workdir, low.expert.warm_start_expert) == ("", 1)
+    assert checkpointing.latest_expert_step(workdir, low.name) is None  # only expert 1 saved
+    fresh = random_state(low.abstract, seed=2)
+    warm = checkpointing.warm_start(low, fresh, workdir, mesh)
+    targets = jax.tree.leaves(low.abstract["params"])
+    for got, ema, want, target in zip(jax.tree.leaves(warm["params"]),
+                                      jax.tree.leaves(warm["ema"]),
+                                      jax.tree.leaves(source["ema"]), targets, strict=True):
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(ema, want)
+        assert got.sharding == target.sharding and ema.sharding == target.sharding
+    # The source's raw parameters differ from its EMA: the EMA is what was copied.
+    assert not np.array_equal(jax.tree.leaves(source["params"])[0],
+                              jax.tree.leaves(source["ema"])[0])
+    # The optimiser state, step and rng stay the fresh state's.
+    for key in ("opt_state", "step", "rng"):
+        jax.tree.map(np.testing.assert_array_equal, warm[key], fresh[key])
+    assert low.expert.optim.lr == 5e-5 and low.expert.optim.warmup_steps == 10_000
+    assert low.expert.optim.b2 == 0.999
+
+
+@pytest.mark.slow
+def test_training_one_expert_writes_only_its_checkpoints(tmp_path, monkeypatch):
+    """train.expert=1 of two: only expert 1's state is set up, checkpointed and logged.
+
+    The jitted train step is replaced by one that returns the states unchanged: this is the
+    job's bookkeeping, not the update (test_train_e2e trains for real), so nothing as large as a
+    train step compiles.
+    """
     config = load_config("imagenet256", "smoke,recipe=paper")
     config.train.expert = 1
     config.train.num_steps = 2
-    with tfds.testing.mock_data(num_examples=16):
-        train.train(config, workdir)
-    return workdir, config
+    high = experts_from_config(config)[1]
+    steps = []
+
+    def fake_jit_train_step(config, setups, schedule, mesh):
+        assert [s.name for s in setups] == [high.name]
+
+        def step(states, batch):
+            steps.append((sorted(states), batch["image"].shape))
+            return states, {"loss": jnp.zeros(()), "nonfinite": jnp.zeros(())}
+
+        return step
+
+    monkeypatch.setattr(train_job, "jit_train_step", fake_jit_train_step)
+    # imagenet2012 needs its manual download to pass validation (placeholders: mock_data
+    # serves random examples in their place; USE_CODE: offline, features from the code).
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    for name in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"):
+        (manual / name).touch()
+    config.data.manual_dir = str(manual)
+    config.data.data_dir = str(tmp_path / "tfds")
+    workdir = tmp_path / "run"
+    with tfds.testing.mock_data(num_examples=16, data_dir=config.data.data_dir,
+                                policy=tfds.testing.MockPolicy.USE_CODE):
+        states = train_job.run(config, str(workdir))
+    assert sorted(states) == [high.name]
+    assert steps == [([high.name], (8, 16, 16, 3))] * 2
+    root = workdir / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == [high.name]
+    assert sorted(p.name for p in (root / high.name).iterdir()) == ["2"]
+    # A run of one expert of several logs to its own metrics file.
+    assert (workdir / f"metrics.{high.name}.jsonl").exists()
+    assert not (workdir / "metrics.jsonl").exists()
 
 
-@pytest.mark.slow
-def test_training_one_expert_writes_only_its_checkpoints(paper_workdir):
-    workdir, config = paper_workdir
-    experts = experts_from_config(config)
-    root = pathlib.Path(workdir, "checkpoints")
-    assert sorted(p.name for p in root.iterdir()) == [experts[1].name]
-    assert sorted(p.name for p in (root / experts[1].name).iterdir()) == ["2"]
-
-
-@pytest.mark.slow
-def test_warm_start_copies_the_source_ema_exactly(paper_workdir):
-    workdir, config = paper_workdir
-    low = experts_from_config(config)[0]
-    mesh = sharding.make_mesh((-1, 1))
-    tx = train_state.make_optimizer(low.optim)
-    abstract, _ = train_state.state_shardings(low.model, tx, mesh)
-    fresh = train_state.create_state(low.model, tx, mesh, seed=0)
-    warm = train._warm_start(low, fresh, abstract, mesh, workdir)
-    source = sample.load_expert_ema(workdir, 1, mesh)
-    for got, ema, want in zip(jax.tree.leaves(warm["params"]), jax.tree.leaves(warm["ema"]),
-                              jax.tree.leaves(source)):
-        np.testing.assert_array_equal(got, want)
-        np.testing.assert_array_equal(ema, want)
-    assert low.optim.lr == 5e-5 and low.optim.warmup_steps == 10_000 and low.optim.b2 == 0.999
-
-
-def test_sampling_with_a_missing_expert_names_it(tmp_path):
+def test_missing_experts_are_named_when_sampling_or_warm_starting(tmp_path):
     config = load_config("demo", "smoke")
     (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    mesh = sharding.make_mesh((-1, 1))
     with pytest.raises(FileNotFoundError, match=r"No checkpoint for expert 0 \(SNR in"):
-        sample.load_expert_ema(str(tmp_path), 0, sharding.make_mesh((-1, 1)), config)
+        checkpointing.load_expert_ema(str(tmp_path), 0, mesh, config)
+    # A warm start whose source expert was never trained names it (and how to train it).
+    paper = load_config("imagenet256", "smoke,recipe=paper")
+    (tmp_path / "config.json").write_text(paper.to_json_best_effort())
+    (low,) = state_lib.setup_experts(paper, mesh, [0])
+    with pytest.raises(FileNotFoundError, match=r"No checkpoint for expert 1 .*"
+                                                r"--config\.train\.expert=1"):
+        checkpointing.warm_start(low, {}, str(tmp_path), mesh)

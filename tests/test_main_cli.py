@@ -1,37 +1,41 @@
 """The absl entry point as a user runs it: ``python -m pdm_jax.main --config=... --mode=...``.
 
-Each test starts one subprocess (about 10 s of imports); none of them compiles a train step.
+Each ``pdm_jax.main`` subprocess costs about 8-10 s of imports; none of them compiles anything.
+Bad config values are also checked in-process through the train job, whose first act is the
+one validation pass (config_lib.validate).
 """
 
-import importlib.util
 import json
 import os
-import pathlib
+import re
 import subprocess
 import sys
+import time
 
-import jax
 import pytest
 
-from pdm_jax import sharding, train_state
-from pdm_jax.experts import experts_from_config
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def demo_config(arg: str):
-    """``configs/demo.py``'s get_config(arg), imported by path (configs/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("configs_demo", REPO / "configs" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+from conftest import REPO, demo_config
+from pdm_jax import sharding
+from pdm_jax.diffusion.experts import experts_from_config
+from pdm_jax.jobs import train as train_job
+from pdm_jax.training.state import setup_experts
 
 
-def run_main(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    return subprocess.run([sys.executable, "-m", "pdm_jax.main", *args], cwd=REPO, env=env,
+def run_module(module: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+                    XLA_FLAGS="--xla_force_host_platform_device_count=8", **env)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=300)
+
+
+def run_main(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return run_module("pdm_jax.main", *args, **env)
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The last line of stderr: the exception absl's app.run ends with."""
+    assert result.returncode != 0, result.stderr[-3000:]
+    return result.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.slow
@@ -53,12 +57,9 @@ def test_summary_prints_the_table_and_writes_summary_json(tmp_path):
     assert high_snr["snr_interval"] == [0.25, None] and low_snr["snr_interval"] == [0, 0.25]
     assert [e["patch_size"] for e in summary["experts"]] == [2, 4]
     # Parameter counts agree with the train state's own abstract parameters.
-    config = demo_config("smoke")
-    mesh = sharding.make_mesh((-1, 1))
-    for row, expert in zip(summary["experts"], experts_from_config(config)):
-        abstract, _ = train_state.state_shardings(
-            expert.model, train_state.make_optimizer(expert.optim), mesh)
-        assert row["params"] == sum(x.size for x in jax.tree.leaves(abstract["params"]))
+    setups = setup_experts(demo_config("smoke"), sharding.make_mesh((-1, 1)))
+    for row, setup in zip(summary["experts"], setups, strict=True):
+        assert row["params"] == setup.num_params()
         assert row["image_size"] == 16 and row["warm_start"] is None
     # Patch 4 runs the U-Net body on a 4x4 grid instead of 8x8: several times fewer MACs
     # (0.017 vs 0.005 GMACs, rounded to 3 decimals).
@@ -67,34 +68,83 @@ def test_summary_prints_the_table_and_writes_summary_json(tmp_path):
     assert [high_snr["sampling_steps"], low_snr["sampling_steps"]] == [2, 3]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("override, message", [
-    ("--config.model.patch_size=3", "patch_size=3 does not divide image_size=16"),
-    ("--config.diffusion.schedule=bogus", "unknown beta schedule 'bogus'"),
-    ("--config.train.fid_every=-1", "train.fid_every must be >= 0"),
-    ("--config.train.fid_every=5", "config.eval.inception_path is empty"),
+@pytest.mark.parametrize("key, value, message", [
+    ("model.patch_size", 3, "patch_size=3 does not divide image_size=16"),
+    ("diffusion.schedule", "bogus", "unknown beta schedule 'bogus'"),
+    ("train.fid_every", -1, "train.fid_every must be >= 0"),
+    ("train.fid_every", 5, "eval.inception_path is empty"),
+    ("train.batch_size", 12, "train.batch_size=12 must be a multiple of the 8 devices"),
 ])
 def test_bad_config_values_fail_with_a_clear_message_before_anything_runs(
-        tmp_path, override, message):
+        tmp_path, key, value, message):
+    config = demo_config("smoke")
+    config.update_from_flattened_dict({key: value})
     workdir = tmp_path / "run"
-    result = run_main("--config=configs/demo.py:smoke", f"--workdir={workdir}", override)
-    assert result.returncode != 0
-    assert message in result.stderr, result.stderr[-3000:]
-    # Validation precedes everything else in train(): not even the workdir was created, so no
-    # data was loaded and nothing compiled.
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train_job.run(config, str(workdir))
+    # Validation precedes everything else in the train job: not even the workdir was created,
+    # so no data was loaded and nothing compiled.
     assert not workdir.exists()
 
 
 @pytest.mark.slow
-def test_config_overrides_reach_the_run(tmp_path):
-    """--config.train.batch_size=12 is what train() sees: it is recorded and then refused for
-    not splitting over the 8 devices (before any data loading or compile)."""
+def test_cli_overrides_are_validated_before_the_workdir_is_created(tmp_path):
+    """--config.train.batch_size=12 is what the train job sees, and it is refused for not
+    splitting over the 8 devices before anything is written."""
+    workdir = tmp_path / "run"
+    result = run_main("--config=configs/demo.py:smoke", f"--workdir={workdir}",
+                      "--config.train.batch_size=12")
+    assert error_line(result) == (
+        "ValueError: train.batch_size=12 must be a multiple of the 8 devices (every device "
+        "takes an equal share of a batch)."), result.stderr[-3000:]
+    assert not workdir.exists()
+
+
+@pytest.mark.slow
+def test_imagenet_without_manual_dir_fails_in_seconds_naming_the_flag(tmp_path):
+    """imagenet2012 needs a manual download: with nothing prepared in data.data_dir and no
+    data.manual_dir the run stops at validation, before any model is built or data read."""
+    data_dir, workdir = tmp_path / "tfds", tmp_path / "in256"
+    data_dir.mkdir()
+    start = time.monotonic()
+    result = run_main("--config=configs/imagenet256.py", f"--workdir={workdir}",
+                      f"--config.data.data_dir={data_dir}")
+    elapsed = time.monotonic() - start
+    line = error_line(result)
+    # One line that names the flag to pass, and the data_dir override that reached the check.
+    assert line.startswith("FileNotFoundError: Dataset 'imagenet2012' is not prepared in "
+                           f"{data_dir}/imagenet2012"), result.stderr[-3000:]
+    assert "--config.data.manual_dir=DIR" in line and "ILSVRC2012_img_train.tar" in line
+    assert not (workdir / "checkpoints").exists() and not workdir.exists()
+    assert list(data_dir.iterdir()) == []  # nothing downloaded or prepared
+    # Seconds of imports, not the minutes of building a 256 px ensemble first (the bound is
+    # loose for a busy 2-core machine).
+    assert elapsed < 90, elapsed
+
+
+@pytest.mark.slow
+def test_sample_on_an_empty_workdir_names_the_missing_checkpoint_before_compiling(tmp_path):
+    # JAX_LOG_COMPILES=1 makes JAX log "Compiling jit(...)" (a warning) for every compile.
     result = run_main("--config=configs/demo.py:smoke", f"--workdir={tmp_path}",
-                      "--config.train.batch_size=12", f"--config.data.data_dir={tmp_path}/tfds")
-    assert result.returncode != 0
-    assert "train.batch_size=12 is not divisible by the 8 devices" in result.stderr, \
+                      "--mode=sample", JAX_LOG_COMPILES="1")
+    line = error_line(result)
+    expert = experts_from_config(demo_config("smoke"))[0]
+    assert line.startswith("FileNotFoundError: --mode=sample: expert 0 (SNR in (0.25, inf]"), \
         result.stderr[-3000:]
-    saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["train"]["batch_size"] == 12
-    assert saved["data"]["data_dir"] == f"{tmp_path}/tfds"
-    assert not (tmp_path / "checkpoints").exists()
+    assert f"has no checkpoint under {tmp_path}/checkpoints/{expert.name};" in line
+    assert "train it first" in line
+    assert "Compiling" not in result.stderr
+    assert list(tmp_path.iterdir()) == []  # no samples/ (nor anything else) written
+
+
+def test_old_evaluate_command_path_still_runs_and_warns():
+    """``python -m pdm_jax.evaluate`` is a shim of ``python -m pdm_jax.cli.evaluate`` that warns
+    (both import only absl at the top: a fraction of a second each)."""
+    old = run_module("pdm_jax.evaluate", "--help")
+    new = run_module("pdm_jax.cli.evaluate", "--help")
+    assert "FutureWarning: pdm_jax.evaluate moved: use pdm_jax.cli.evaluate" in old.stderr
+    assert "FutureWarning" not in new.stderr
+    # The same help (absl's --help exits with status 1 after printing it).
+    assert old.stdout == new.stdout and old.returncode == new.returncode == 1
+    assert "python -m pdm_jax.cli.evaluate REF.npz SAMPLES.npz" in old.stdout
+    assert "--inception_path" in old.stdout

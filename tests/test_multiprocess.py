@@ -109,6 +109,7 @@ def wait_all(procs: dict[str, subprocess.Popen], logs: dict[str, pathlib.Path]) 
 
 def losses(workdir) -> dict[int, float]:
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]  # rate records (steps/s, images/s) are separate
     steps = [r["step"] for r in rows]
     assert len(steps) == len(set(steps)), f"duplicate metric rows (two writers?): {steps}"
     return {r["step"]: r["loss"] for r in rows}

@@ -11,31 +11,66 @@ from pdm_jax import sharding
 
 
 @pytest.mark.parametrize(
-    "shape, expected",
-    [((-1, 1), (8, 1)), ((2, -1), (2, 4)), ((-1, 8), (1, 8)), ((4, 2), (4, 2)), ((-1,), (8,))],
+    "shape, expected", [((-1, 1), (8, 1)), ((2, -1), (2, 4)), ((-1, 8), (1, 8)), ((4, 2), (4, 2))],
 )
 def test_make_mesh_fills_minus_one_with_the_remaining_devices(shape, expected):
-    names = ("data", "fsdp")[: len(shape)]
-    mesh = sharding.make_mesh(shape, names)
+    mesh = sharding.make_mesh(shape)
     assert tuple(mesh.shape.values()) == expected
-    assert mesh.axis_names == names
+    assert mesh.axis_names == (sharding.DATA_AXIS, sharding.FSDP_AXIS) == ("data", "fsdp")
     assert mesh.devices.size == jax.device_count() == 8
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
 
 
+def test_make_mesh_defaults_to_pure_data_parallelism():
+    assert dict(sharding.make_mesh().shape) == {"data": 8, "fsdp": 1}
+
+
 @pytest.mark.parametrize(
-    "shape, message",
-    [
-        ((3, 1), r"\(3, 1\) needs 3 devices but 8 are available"),
-        ((3, -1), r"8 devices are not divisible .* 3"),
-        ((-1, -1), "at most one -1"),
-        ((0, 8), "positive sizes"),
-        ((8,), "has 1 axes but axis_names"),
-    ],
+    "shape, num_devices, expected",
+    [((-1, 1), None, (8, 1)), ((2, -1), 16, (2, 8)), ((-1, 4), 4, (1, 4)), ((3, 1), 3, (3, 1)),
+     (("2", "-1"), 6, (2, 3))],
 )
-def test_make_mesh_rejects_shapes_that_do_not_fit(shape, message):
+def test_resolve_mesh_shape_fills_minus_one_for_any_device_count(shape, num_devices, expected):
+    assert sharding.resolve_mesh_shape(shape, num_devices) == expected
+
+
+MESH_SHAPE_ERRORS = [
+    ((3, 1), None, r"^mesh.shape=\(3, 1\) needs 3 devices but 8 are available\.$"),
+    ((2, 2), 8, r"^mesh.shape=\(2, 2\) needs 4 devices but 8 are available\.$"),
+    ((3, -1), None, r"^mesh.shape=\(3, -1\): the 8 devices are not divisible by the fixed "
+                    r"axes' product 3\.$"),
+    ((-1, 4), 6, r"^mesh.shape=\(-1, 4\): the 6 devices are not divisible .* product 4\.$"),
+    ((-1, -1), None, r"^mesh.shape=\(-1, -1\) must hold positive sizes and at most one -1\.$"),
+    ((0, 8), None, r"^mesh.shape=\(0, 8\) must hold positive sizes"),
+    ((-2, 4), None, r"^mesh.shape=\(-2, 4\) must hold positive sizes"),
+    ((8,), None, r"^mesh.shape=\(8,\) must have 2 entries, the sizes of the \('data', 'fsdp'\) "
+                 r"axes\.$"),
+    ((2, 2, 2), None, r"^mesh.shape=\(2, 2, 2\) must have 2 entries"),
+]
+
+
+@pytest.mark.parametrize("shape, num_devices, message", MESH_SHAPE_ERRORS)
+def test_resolve_mesh_shape_errors_name_the_shape_and_device_count(shape, num_devices, message):
+    with pytest.raises(ValueError, match=message):
+        sharding.resolve_mesh_shape(shape, num_devices)
+
+
+@pytest.mark.parametrize("shape, num_devices, message",
+                         [e for e in MESH_SHAPE_ERRORS if e[1] is None])
+def test_make_mesh_rejects_shapes_that_do_not_fit(shape, num_devices, message):
     with pytest.raises(ValueError, match=message):
         sharding.make_mesh(shape)
+
+
+def test_path_str_joins_dict_keys_attributes_and_indices_with_slashes():
+    params = {"a": {"b": [jnp.zeros(1), jnp.zeros(2)]}, "c": jnp.zeros(3)}
+    opt_state = optax.adam(1e-3).init({"w": jnp.zeros((2, 2))})
+    tree = {"params": params, "opt_state": opt_state, "step": jnp.zeros(())}
+    paths = [sharding.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    assert paths == ["opt_state/0/count", "opt_state/0/mu/w", "opt_state/0/nu/w",
+                     "params/a/b/0", "params/a/b/1", "params/c", "step"]
+    assert sharding.path_str(()) == ""
+    assert sharding.path_str((jax.tree_util.DictKey(3), jax.tree_util.SequenceKey(0))) == "3/0"
 
 
 def test_fsdp_rule_shards_largest_divisible_dim_and_replicates_small_arrays():
@@ -116,22 +151,79 @@ def test_replicated_sharding_keeps_full_copies():
     assert all(s.data.shape == (8,) for s in x.addressable_shards)
 
 
-def test_maybe_initialize_distributed_is_a_noop_on_one_process(monkeypatch):
-    for name in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE"):
+_LAUNCH_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+               "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE", "PDM_JAX_CLOUD_TPU")
+
+
+@pytest.fixture
+def single_process_env(monkeypatch):
+    """No launcher variables; the XLA backend is up (as after any test that made a mesh)."""
+    for name in _LAUNCH_ENV:
         monkeypatch.delenv(name, raising=False)
-    sharding.maybe_initialize_distributed()
+    assert jax.device_count() == 8  # initialises the backend: a real initialize() now raises
+    return monkeypatch
+
+
+@pytest.mark.parametrize("env", [
+    {},
+    {"PDM_JAX_CLOUD_TPU": "0"},
+    {"TPU_WORKER_HOSTNAMES": "host-0"},  # a single-host TPU VM
+    {"TPU_WORKER_HOSTNAMES": "host-0, "},
+    {"OMPI_COMM_WORLD_SIZE": "1"},
+])
+def test_maybe_initialize_distributed_is_a_noop_on_one_process(single_process_env, env):
+    for name, value in env.items():
+        single_process_env.setenv(name, value)
+    sharding.maybe_initialize_distributed()  # would raise RuntimeError had it initialised
     assert not jax.distributed.is_initialized()
-    assert jax.process_count() == 1
+    assert jax.process_count() == 1 and jax.device_count() == 8
 
 
-def test_maybe_initialize_distributed_starts_when_asked(monkeypatch):
-    calls = []
-    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
-    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
-    sharding.maybe_initialize_distributed()  # jax.distributed reads the address itself
-    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
-    sharding.maybe_initialize_distributed("10.0.0.2:99", 4, 3)
-    assert calls == [
-        dict(coordinator_address=None, num_processes=None, process_id=None),
-        dict(coordinator_address="10.0.0.2:99", num_processes=4, process_id=3),
-    ]
+# Each of these must reach jax.distributed.initialize, which refuses with a RuntimeError because
+# the backend is already running in this process: proof that initialisation was attempted.
+@pytest.mark.parametrize("env, args", [
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1"}, ()),
+    ({"TPU_WORKER_HOSTNAMES": "host-0,host-1"}, ()),
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, ()),
+    ({"PDM_JAX_CLOUD_TPU": "1"}, ()),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}, ()),
+    ({}, ("127.0.0.1:1", 4, 3)),
+])
+def test_maybe_initialize_distributed_starts_jax_distributed_when_launched_as_several(
+        single_process_env, env, args):
+    for name, value in env.items():
+        single_process_env.setenv(name, value)
+    with pytest.raises(RuntimeError, match=r"initialize\(\) must be called before"):
+        sharding.maybe_initialize_distributed(*args)
+    assert not jax.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("name, value", [("JAX_NUM_PROCESSES", "two"), ("JAX_PROCESS_ID", "-1")])
+def test_maybe_initialize_distributed_rejects_non_integer_process_variables(
+        single_process_env, name, value):
+    single_process_env.setenv(name, value)
+    with pytest.raises(ValueError, match=rf"^Environment variable {name}='{value}' must be a "
+                                         r"non-negative integer\.$"):
+        sharding.maybe_initialize_distributed()
+
+
+@pytest.mark.parametrize("value, expected", [("1", True), ("0", False)])
+def test_pdm_jax_cloud_tpu_env_decides_cloud_tpu_detection(single_process_env, value, expected):
+    single_process_env.setenv("PDM_JAX_CLOUD_TPU", value)
+    assert sharding._running_on_cloud_tpu_vm() is expected
+
+
+def test_cloud_tpu_detection_without_the_variable_is_false_on_a_cpu_run(single_process_env):
+    single_process_env.setenv("JAX_PLATFORMS", "cpu")  # the probe is skipped off TPU
+    assert sharding._running_on_cloud_tpu_vm() is False
+
+
+@pytest.mark.parametrize("value", ["yes", "true", "2", " 1"])
+def test_bad_pdm_jax_cloud_tpu_value_raises_value_error(single_process_env, value):
+    single_process_env.setenv("PDM_JAX_CLOUD_TPU", value)
+    message = rf"^PDM_JAX_CLOUD_TPU='{value}' must be 1 or 0\.$"
+    with pytest.raises(ValueError, match=message):
+        sharding._running_on_cloud_tpu_vm()
+    with pytest.raises(ValueError, match=message):  # before anything is initialised
+        sharding.maybe_initialize_distributed()
+    assert not jax.distributed.is_initialized()

@@ -1,32 +1,29 @@
 """A checkpoint written on one mesh restores onto another (device count, data/fsdp split).
 
-train.py builds the restore target from the CURRENT mesh (train_state.state_shardings), so a
-run resumes wherever it is started. Here a train state of the smoke U-Net (params, Adam state,
-EMA, step, rng; random values so that every leaf is distinguishable) is saved from mesh
-data=8 and restored onto data=2 x fsdp=4 (same 8 devices) and onto data=1 x fsdp=4 (4 of
-them): every leaf must come back bit-identical and laid out as the new mesh's FSDP rules say.
+Training builds the restore target from the CURRENT mesh (the abstract state of
+training.state.setup_expert), so a run resumes wherever it is started. Here a train state of the
+smoke U-Net (params, Adam state, EMA, step, rng; random values so that every leaf is
+distinguishable) is saved from mesh data=8 and restored onto data=2 x fsdp=4 (same 8 devices)
+and onto data=1 x fsdp=4 (4 of them): every leaf must come back bit-identical and laid out as
+the new mesh's FSDP rules say.
 """
-
-import importlib.util
-import pathlib
 
 import jax
 import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
-from pdm_jax import checkpointing, config_lib, sharding, train_state
-from pdm_jax.experts import experts_from_config
+from conftest import demo_config
+from pdm_jax import checkpointing, sharding
+from pdm_jax.diffusion.experts import experts_from_config
+from pdm_jax.training.state import setup_expert
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 STEP = 7
+SEED = 0
 
 
 def smoke_expert():
-    spec = importlib.util.spec_from_file_location("configs_demo", REPO / "configs" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return experts_from_config(module.get_config("smoke,experts=1"))[0]
+    return experts_from_config(demo_config("smoke,experts=1"))[0]
 
 
 def mesh_over(n_devices: int, data: int, fsdp: int) -> Mesh:
@@ -50,7 +47,7 @@ def random_state(abstract, seed: int = 0):
 
 
 def host(tree) -> dict[str, np.ndarray]:
-    return {sharding.keypath_str(p): np.asarray(jax.device_get(x))
+    return {sharding.path_str(p): np.asarray(jax.device_get(x))
             for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -58,27 +55,28 @@ def host(tree) -> dict[str, np.ndarray]:
 def saved(tmp_path_factory):
     """A data=8 checkpoint of a random smoke-U-Net train state."""
     expert = smoke_expert()
-    tx = train_state.make_optimizer(expert.optim)
-    abstract, _ = train_state.state_shardings(expert.model, tx, mesh_over(8, 8, 1))
-    state = random_state(abstract)
+    setup = setup_expert(expert, mesh_over(8, 8, 1), SEED)
+    state = random_state(setup.abstract)
     directory = str(tmp_path_factory.mktemp("ckpt"))
-    fingerprint = config_lib.architecture_fingerprint(expert.model, expert.optim)
     with checkpointing.Checkpointer(directory, async_save=False,
-                                    config_fingerprint=fingerprint) as ckpt:
-        assert ckpt.save(STEP, state, {"data_position": {}}, force=True)
+                                    signature=setup.signature, writer=True) as ckpt:
+        ckpt.save(STEP, state, {"data_position": {}})
+        assert ckpt.all_steps() == [STEP]
     for leaf in jax.tree.leaves(state):  # written fully replicated over data=8
         assert leaf.sharding.spec == P()
-    return dict(expert=expert, tx=tx, directory=directory, fingerprint=fingerprint,
+    return dict(expert=expert, directory=directory, signature=setup.signature,
                 values=host(state))
 
 
 @pytest.mark.parametrize("n_devices,data,fsdp", [(8, 2, 4), (4, 1, 4)])
 def test_data8_checkpoint_restores_onto_an_fsdp_mesh(saved, n_devices, data, fsdp):
     mesh = mesh_over(n_devices, data, fsdp)
-    abstract, shardings = train_state.state_shardings(saved["expert"].model, saved["tx"], mesh)
-    with checkpointing.Checkpointer(saved["directory"],
-                                    config_fingerprint=saved["fingerprint"]) as ckpt:
-        restored, _ = ckpt.restore(abstract)
+    setup = setup_expert(saved["expert"], mesh, SEED)  # what training builds on this mesh
+    assert setup.signature == saved["signature"]
+    with checkpointing.Checkpointer(saved["directory"], signature=setup.signature) as ckpt:
+        assert ckpt.latest_step() == STEP
+        restored, meta = ckpt.restore(setup.abstract)
+    assert meta["data_position"] == {}
 
     values = host(restored)
     assert values.keys() == saved["values"].keys()
@@ -87,10 +85,10 @@ def test_data8_checkpoint_restores_onto_an_fsdp_mesh(saved, n_devices, data, fsd
     assert {k.split("/")[0] for k in values} == {"params", "opt_state", "ema", "step", "rng"}
 
     # Laid out per the NEW mesh: the shardings train() would use, on its devices.
-    named = {sharding.keypath_str(p): x
+    named = {sharding.path_str(p): x
              for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]}
-    expected = {sharding.keypath_str(p): s
-                for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+    expected = {sharding.path_str(p): s
+                for p, s in jax.tree_util.tree_flatten_with_path(setup.shardings)[0]}
     sharded = {"params": 0, "opt_state": 0, "ema": 0}
     for key, array in named.items():
         assert array.sharding.mesh.devices.shape == (data, fsdp), key

@@ -58,6 +58,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, State]:
 
         #### Mesh and per-expert state: restore, warm-start or create, already sharded ####
         mesh = sharding.make_mesh(config.mesh.shape)
+        logging.info("Mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size,
+                     jax.process_count())
         schedule = Schedule.from_name(config.diffusion.schedule, config.diffusion.num_timesteps)
         setups = setup_experts(config, mesh, indices)
         ckpts = stack.enter_context(contextlib.closing(checkpointing.ExpertCheckpoints(
@@ -72,14 +74,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, State]:
                     states[s.name] = checkpointing.warm_start(s, states[s.name], workdir, mesh)
             logging.info("%s: %.2f M parameters, trains t in %s, %s", s.expert.describe(),
                          s.num_params() / 1e6, training_timestep_range(s.expert, schedule),
-                         f"resumed at step {start}" if restored else "from scratch")
+                         f"resumed from step {start}" if restored else "from scratch")
 
         #### Input pipeline: each process reads its shard, from where the checkpoint left it ####
         # data.global_order: every process reads the single-process stream, keeps its rows.
         global_order = bool(config.data.global_order)
         index, count = (0, 1) if global_order else (jax.process_index(), jax.process_count())
         local_batch = t.batch_size // count
-        position = _resume_position(meta, start * local_batch)
+        position = _resume_position(meta, start * local_batch, global_order)
         batches = pipeline.iterate_numpy(pipeline.make_train_dataset(
             config.data, global_batch_size=t.batch_size, seed=config.seed, process_index=index,
             process_count=count, start_example=position))
@@ -102,7 +104,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, State]:
                                        name=None if whole else names[0])
         stack.callback(writer.close)
         progress = writers.ReportProgress(num_steps=t.num_steps, items_per_step=t.batch_size,
-                                          writer=writer, every_steps=t.log_every)
+                                          writer=writer, every_steps=t.log_every,
+                                          every_secs=None)
         progress(start)
         stop = stack.enter_context(StopRequest())
         queue, step = MetricsQueue(), start
@@ -149,11 +152,13 @@ def _data_position(position: int) -> dict[str, list[int]]:
     return {"records_consumed_per_process": [int(p) for p in np.ravel(gathered)]}
 
 
-def _resume_position(meta: dict, default: int) -> int:
+def _resume_position(meta: dict, default: int, global_order: bool) -> int:
     """Where this process's stream resumes: its recorded position, else ``default``."""
     positions = meta.get("data_position", {}).get("records_consumed_per_process")
     if positions is None:
         return default
+    if global_order:  # every process read the same single-process stream
+        return positions[0]
     if len(positions) != jax.process_count():
         logging.warning("The checkpoint was written by %d processes, this run has %d: the data "
                         "stream restarts at step * batch, not bitwise where it stopped.",
