@@ -56,34 +56,55 @@ def run_to_end(command: list[str], env: dict, log: pathlib.Path) -> None:
         raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}); see {log}")
 
 
+def start_trainer(command: list[str], env: dict, log: pathlib.Path
+                  ) -> tuple[subprocess.Popen, int]:
+    """Starts the trainer (the python process itself); returns it and where its log begins."""
+    start = log.stat().st_size if log.exists() else 0
+    with open(log, "a") as f:
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=f,
+                                stderr=subprocess.STDOUT), start
+
+
+def wait_for(process: subprocess.Popen, log: pathlib.Path, start: int, pattern: str,
+             timeout: float = 600.0) -> bool:
+    """Polls ``log`` (from byte ``start``) until ``pattern`` appears (True) or the process ends
+    (False)."""
+    deadline = time.monotonic() + timeout
+    while pattern not in log.read_text(errors="replace")[start:]:
+        if process.poll() is not None:
+            return pattern in log.read_text(errors="replace")[start:]
+        if time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"no {pattern!r} within {timeout:.0f} s; see {log}")
+        time.sleep(0.02)
+    return True
+
+
+def kill(process: subprocess.Popen) -> None:
+    """SIGKILL: no handler runs, no file is closed, no async save completes."""
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
 def run_once_with_kill(command: list[str], env: dict, log: pathlib.Path, aimed: bool,
                        rng: random.Random, max_delay: float) -> str:
     """Starts the trainer; kills it (aimed at a save, or after a random delay) unless it ends
     first. Returns 'killed' or 'finished'."""
-    start = log.stat().st_size if log.exists() else 0
-    with open(log, "a") as f:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=f,
-                                   stderr=subprocess.STDOUT)
+    process, start = start_trainer(command, env, log)
     try:
-        deadline, fire_at = time.monotonic() + 900, None
-        while process.poll() is None:
-            text = log.read_text(errors="replace")[start:]
-            if fire_at is None:
-                if aimed and SAVE_LINE in text:
-                    fire_at = time.monotonic()  # the first expert's save has just started
-                elif not aimed and "step " in text and "images/s" in text:
-                    fire_at = time.monotonic() + rng.uniform(0, max_delay)
-            if fire_at is not None and time.monotonic() >= fire_at:
-                process.send_signal(signal.SIGKILL)
-                process.wait()
-                return "killed"
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"trainer hung; see {log}")
-            time.sleep(0.02)
+        if aimed:  # the first expert's save has just started; the second has not committed
+            alive = wait_for(process, log, start, SAVE_LINE)
+        else:
+            alive = wait_for(process, log, start, "images/s")
+            deadline = time.monotonic() + rng.uniform(0, max_delay)
+            while alive and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+        if process.poll() is None:
+            kill(process)
+            return "killed"
     finally:
         if process.poll() is None:
-            process.kill()
-            process.wait()
+            kill(process)
     if process.returncode:
         raise RuntimeError(f"trainer failed ({process.returncode}) after a restart; see {log}")
     return "finished"

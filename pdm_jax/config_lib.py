@@ -14,7 +14,7 @@ import importlib.util
 import json
 import os
 import pathlib
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import ml_collections
 

@@ -10,13 +10,15 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Through the environment, so every subprocess a test starts compiles the same programs and
+# finds them in the session's XLA cache.
+os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from pdm_jax import config_lib  # noqa: E402
 
-jax.config.update("jax_default_matmul_precision", "highest")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN_DIR = pathlib.Path(__file__).parent / "golden"
@@ -93,6 +95,7 @@ def folder16(tmp_path_factory) -> pathlib.Path:
 
 
 TRAINED_STEPS = 30
+TRAINED_CKPTS = (10, 20, 30)  # the trained run's checkpoints (ckpt.every=10, keep=3)
 
 
 def folder_config(folder, *, num_steps: int, ckpt_every: int):
@@ -107,14 +110,16 @@ def folder_config(folder, *, num_steps: int, ckpt_every: int):
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, folder16):
     """The session's one trained two-expert run: TRAINED_STEPS steps of configs/demo.py:smoke on
-    ``folder16``, one checkpoint at the end. Shared by the files of xdist group "trained_run"
-    (training end to end, export and inference), so the suite trains it once."""
+    ``folder16``, checkpoints at TRAINED_CKPTS. Shared by the files of xdist group "trained_run"
+    (training end to end, kills and resumes, export and inference), so the suite trains it once;
+    resumed copies of it are compared with it bitwise."""
     import types
 
     from pdm_jax.jobs import train
 
     workdir = tmp_path_factory.mktemp("trained_run")
-    config = folder_config(folder16, num_steps=TRAINED_STEPS, ckpt_every=TRAINED_STEPS)
+    config = folder_config(folder16, num_steps=TRAINED_STEPS, ckpt_every=TRAINED_CKPTS[0])
+    config.ckpt.keep = len(TRAINED_CKPTS)
     state = train.run(config, str(workdir))
     return types.SimpleNamespace(workdir=workdir, config=config, state=state, folder=folder16)
 

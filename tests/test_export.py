@@ -135,7 +135,7 @@ SUBPROCESS = textwrap.dedent('''
 def fresh_process(run, tmp_path_factory):
     out = tmp_path_factory.mktemp("fresh")
     # Same devices, numerics and session XLA cache as this process (conftest sets them).
-    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_DEFAULT_MATMUL_PRECISION="highest")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run(
         [sys.executable, "-c", SUBPROCESS.format(num=NUM, batch=BATCH), str(run.fp32), str(out)],
         cwd=out, env=env, capture_output=True, text=True, timeout=400)

@@ -1,21 +1,20 @@
-"""End to end on 8 virtual CPU devices (mesh data=8): train, resume, stop, sample.
+"""End to end on 8 virtual CPU devices (mesh data=8): train, resume, kill, stop, sample.
 
 Every run uses ``configs/demo.py:smoke``: a two-expert ensemble of tiny U-Nets (16x16, 8
-classes, batch 16; patch 2 for SNR > 0.25, patch 4 below) trained together, and changes only
-host-side settings (data source, step counts, checkpoint interval), so every ``train()`` call
-lowers the SAME train step. A per-module persistent XLA cache therefore compiles it once (the
-longest part of this file on a 2-core machine) and loads it in seconds after that, the
-subprocess included; without the cache this file would take several times as long.
+classes, batch 16; patch 2 for SNR > 0.25, patch 4 below) trained together on a 16-image
+folder, and changes only host-side settings (step counts, checkpoint interval), so every run
+lowers the SAME train step, which the session's persistent XLA cache compiles once. The
+reference is the session's trained run (conftest.trained_run: 30 steps, checkpoints at 10, 20,
+30); resumed, killed and stopped runs must end bitwise equal to it.
 """
 
+import importlib.util
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
-import types
 
 import jax
 import numpy as np
@@ -23,7 +22,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from conftest import REPO, TRAINED_STEPS, demo_config, folder_config
+from conftest import REPO, TRAINED_CKPTS, TRAINED_STEPS, demo_config, folder_config
 from pdm_jax import checkpointing, sharding, writers
 from pdm_jax.data import pipeline
 from pdm_jax.diffusion.schedules import Schedule
@@ -31,9 +30,7 @@ from pdm_jax.jobs import sample, train
 from pdm_jax.training import state as state_lib
 from pdm_jax.training.step import NonFiniteLossError, jit_train_step
 
-N = 4  # steps of the first half of the resume test; ckpt.every = N
 BATCH = 16  # the smoke config's global batch
-MOCK_EXAMPLES = 40  # the resume point N * BATCH = 64 lies inside epoch 1 (offset 24)
 
 # Shares the session's trained run with test_export.py (one worker trains it once).
 pytestmark = pytest.mark.xdist_group("trained_run")
@@ -48,7 +45,7 @@ def tfds_config(data_dir, *, num_steps: int, ckpt_every: int):
     return c
 
 
-def mock_tfds(data_dir, num_examples: int = MOCK_EXAMPLES):
+def mock_tfds(data_dir, num_examples: int):
     """Deterministic random tfds examples (seed 0), offline.
 
     USE_CODE takes the features from the builder's code; the default policy would first try to
@@ -110,26 +107,19 @@ def compiled_train_step(config):
     return step_fn, {s.name: s.shardings for s in setups}, mesh, initial
 
 
-#### Module fixtures: one XLA cache, one image folder, two sets of runs ####
+#### Copies of the trained run ####
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Three runs on mock tfds data: N steps then resumed to 2N in one workdir, 2N straight in
-    another; plus a copy of the first workdir as it was at step N (for the non-finite test)."""
-    root = tmp_path_factory.mktemp("runs")
-    tfds_dir, resumed, straight = root / "tfds", root / "resumed", root / "straight"
-    config = tfds_config(tfds_dir, num_steps=2 * N, ckpt_every=N)
-    with mock_tfds(tfds_dir):
-        first = train.run(tfds_config(tfds_dir, num_steps=N, ckpt_every=N), str(resumed))
-        result = types.SimpleNamespace(
-            config=config, tfds_dir=tfds_dir, resumed=resumed, straight=straight,
-            at_n=root / "at_n", first_state=host_leaves(first), first_rows=loss_rows(resumed),
-            first_ckpts=checkpoint_steps(resumed))
-        shutil.copytree(resumed, result.at_n)
-        result.resumed_state = host_leaves(train.run(config, str(resumed)))
-        result.straight_state = host_leaves(train.run(config, str(straight)))
-    return result
+def resumable_copy(trained_run, root, step: int):
+    """A copy of the trained run as a run killed after checkpoint ``step`` would leave it: its
+    later checkpoints gone, its metrics file still holding the later steps' records."""
+    workdir = root / f"at_{step}"
+    shutil.copytree(trained_run.workdir, workdir, ignore=shutil.ignore_patterns("samples"))
+    for name in EXPERTS:
+        for later in TRAINED_CKPTS:
+            if later > step:
+                shutil.rmtree(workdir / "checkpoints" / name / str(later))
+    return workdir
 
 
 #### 1. A few steps on an image folder and on (mock) tfds data ####
@@ -153,22 +143,13 @@ def test_folder_run_logs_finite_metrics_and_checkpoints_every_expert(trained_run
         rates = [row for row in map(json.loads, f) if "images_per_s" in row]
     assert [r["step"] for r in rates] == list(range(2, TRAINED_STEPS + 1, 2))
     assert all(r["images_per_s"] == pytest.approx(BATCH * r["steps_per_s"]) for r in rates)
-    assert checkpoint_steps(workdir) == {name: [TRAINED_STEPS] for name in EXPERTS}
+    assert checkpoint_steps(workdir) == {name: list(TRAINED_CKPTS) for name in EXPERTS}
     for name, state in trained_run.state.items():
         assert int(state["step"]) == TRAINED_STEPS
         assert all(np.isfinite(v).all() for v in host_leaves(state["params"]).values()), name
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["data"]["folder"] == trained_run.config.data.folder
     assert os.listdir(workdir / "leases") == []  # released at the end
-
-
-@pytest.mark.slow
-def test_tfds_run_logs_finite_metrics_and_checkpoints_every_expert(runs):
-    check_rows(runs.first_rows, [2, 4])
-    assert runs.first_ckpts == {name: [N] for name in EXPERTS}
-    for name in EXPERTS:
-        assert int(runs.first_state[f"{name}/step"]) == N
-    assert all(np.isfinite(v).all() for v in runs.first_state.values())
 
 
 def test_more_data_classes_than_model_classes_is_refused_before_compiling(tmp_path):
@@ -223,37 +204,40 @@ def test_training_lowers_a_fixed_evaluation_of_the_loss(trained_run):
 
 
 @pytest.mark.slow
-def test_resume_from_checkpoint_is_bitwise_identical_to_an_uninterrupted_run(runs):
-    resumed, straight = runs.resumed_state, runs.straight_state
+def test_resume_from_checkpoint_is_bitwise_identical_to_an_uninterrupted_run(trained_run,
+                                                                             tmp_path):
+    """The run as a kill after step 10 leaves it, resumed by the same call, ends where the
+    uninterrupted run ended: every parameter, EMA, Adam moment, step and rng, and every loss."""
+    workdir = resumable_copy(trained_run, tmp_path, TRAINED_CKPTS[0])
+    stale = len(loss_rows(workdir))
+    resumed = host_leaves(train.run(trained_run.config, str(workdir)))
+    straight = host_leaves(trained_run.state)
     assert resumed.keys() == straight.keys()
     for name in EXPERTS:
-        assert int(resumed[f"{name}/step"]) == 2 * N
+        assert int(resumed[f"{name}/step"]) == TRAINED_STEPS
     for key in resumed:  # per expert: params, ema, opt_state (Adam moments, count), step, rng
         np.testing.assert_array_equal(resumed[key], straight[key], err_msg=key)
-    # The second half really trained: every expert's params moved since step N.
-    for name in EXPERTS:
-        assert any(not np.array_equal(runs.first_state[k], resumed[k]) for k in resumed
-                   if k.startswith(f"{name}/params/")), name
-    # Same batches after the resume: the losses logged at steps N+1..2N agree too.
-    resumed_rows = {r["step"]: r for r in loss_rows(runs.resumed)}
-    straight_rows = {r["step"]: r for r in loss_rows(runs.straight)}
-    assert sorted(resumed_rows) == sorted(straight_rows) == [2, 4, 6, 8]
-    for step in (6, 8):
-        assert resumed_rows[step]["loss"] == straight_rows[step]["loss"], step
-    want = {name: [N, 2 * N] for name in EXPERTS}
-    assert checkpoint_steps(runs.resumed) == checkpoint_steps(runs.straight) == want
+    # Same batches after the resume: the records of steps 12-30 that the killed run had logged
+    # were dropped and logged again, once each, with the same losses.
+    rows = loss_rows(workdir)
+    assert stale == len(rows) == TRAINED_STEPS // 2
+    assert rows == loss_rows(trained_run.workdir)
+    assert checkpoint_steps(workdir) == {name: list(TRAINED_CKPTS) for name in EXPERTS}
 
 
 #### 5. Non-finite loss ####
 
 
 @pytest.mark.slow
-def test_non_finite_loss_stops_without_checkpointing_the_bad_step(runs, monkeypatch):
-    """Resumes the step-N copy; the 1st batch is clean, from the 2nd on the images are NaN.
+def test_non_finite_loss_stops_without_checkpointing_the_bad_step(trained_run, tmp_path,
+                                                                  monkeypatch):
+    """Resumes the step-10 copy; the 1st batch is clean, from the 2nd on the images are NaN.
 
     NaN inputs make the loss and gradients NaN inside the unchanged (cached) train step. With
-    ckpt.every=1, step N+1 is saved; step N+2 must raise and save nothing.
+    ckpt.every=1, step 11 is saved; step 12 must raise and save nothing.
     """
+    start = TRAINED_CKPTS[0]
+    workdir = resumable_copy(trained_run, tmp_path, start)
     real_iterate = pipeline.iterate_numpy
 
     def poisoned(ds):
@@ -263,16 +247,15 @@ def test_non_finite_loss_stops_without_checkpointing_the_bad_step(runs, monkeypa
             yield batch
 
     monkeypatch.setattr(pipeline, "iterate_numpy", poisoned)
-    config = tfds_config(runs.tfds_dir, num_steps=100, ckpt_every=1)
-    with mock_tfds(runs.tfds_dir):
-        with pytest.raises(NonFiniteLossError,
-                           match=rf"at step {N + 2} \(loss=nan\); the state was kept at step "
-                                 rf"{N + 1}"):
-            train.run(config, str(runs.at_n))
-    assert checkpoint_steps(runs.at_n) == {name: [N, N + 1] for name in EXPERTS}
-    for name, (state, meta) in restore_states(config, runs.at_n).items():
-        assert int(state["step"]) == N + 1, name
-        assert meta["data_position"] == {"records_consumed_per_process": [(N + 1) * BATCH]}
+    config = folder_config(trained_run.folder, num_steps=100, ckpt_every=1)
+    with pytest.raises(NonFiniteLossError,
+                       match=rf"at step {start + 2} \(loss=nan\); the state was kept at step "
+                             rf"{start + 1}"):
+        train.run(config, str(workdir))
+    assert checkpoint_steps(workdir) == {name: [start, start + 1] for name in EXPERTS}
+    for name, (state, meta) in restore_states(config, workdir).items():
+        assert int(state["step"]) == start + 1, name
+        assert meta["data_position"] == {"records_consumed_per_process": [(start + 1) * BATCH]}
         assert all(np.isfinite(v).all() for v in host_leaves(state).values()), name
 
 
@@ -280,18 +263,18 @@ def test_non_finite_loss_stops_without_checkpointing_the_bad_step(runs, monkeypa
 
 
 @pytest.mark.slow
-def test_sample_writes_npz_with_balanced_labels_and_a_png_grid(runs):
-    config = runs.config.copy_and_resolve_references()
+def test_sample_writes_npz_with_balanced_labels_and_a_png_grid(trained_run):
+    config = trained_run.config.copy_and_resolve_references()
     config.sample.update(num_samples=20, batch_size=16, name="e2e")  # 2 batches, the last cut
-    path = sample.run(config, str(runs.straight))
-    assert path == os.path.join(str(runs.straight), "samples", "e2e.npz")
+    path = sample.run(config, str(trained_run.workdir))
+    assert path == os.path.join(str(trained_run.workdir), "samples", "e2e.npz")
     with np.load(path) as npz:
         images, labels = npz["arr_0"], npz["arr_1"]
     assert images.dtype == np.uint8 and images.shape == (20, 16, 16, 3)
     np.testing.assert_array_equal(labels, np.arange(20) % 8)
     # The PNG tiles the same images: 5 columns x 4 rows of 16 px with 2 px padding, upscaled 2x
     # (nearest) to reach 256 px per side at least.
-    with Image.open(runs.straight / "samples" / "e2e.png") as png:
+    with Image.open(trained_run.workdir / "samples" / "e2e.png") as png:
         assert png.format == "PNG" and png.size == (2 * (5 * 18 + 2), 2 * (4 * 18 + 2))
         grid = np.asarray(png.convert("RGB"))[::2, ::2]
     for i in (0, 7, 19):
@@ -300,44 +283,74 @@ def test_sample_writes_npz_with_balanced_labels_and_a_png_grid(runs):
             grid[2 + 18 * row:18 + 18 * row, 2 + 18 * col:18 + 18 * col], images[i])
 
 
-#### 4. SIGTERM ####
+#### 4. Kills, SIGTERM, a second trainer ####
+
+
+def load_soak_module():
+    """benchmarks/kill_soak.py, whose trainer helpers (start, wait for a log line, SIGKILL the
+    python process itself) this test shares."""
+    spec = importlib.util.spec_from_file_location("kill_soak", REPO / "benchmarks" / "kill_soak.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(tmp_path, folder16,
-                                                                 trained_run):
-    """``python -m pdm_jax.main`` for 1000 steps, SIGTERM after the first progress line.
+def test_kill_in_the_save_window_sigterm_and_a_second_trainer(tmp_path, trained_run):
+    """``python -m pdm_jax.main`` to step 30 (checkpoint every 2 steps), as a user would live it:
 
-    Uses ``trained_run`` only so that the XLA cache holds the train step before it starts.
+    1. SIGKILL the trainer as soon as it logs the first expert's save of step 4: the second
+       expert's step 4 is not committed (the window that once made joint runs unresumable).
+    2. The same command resumes (the dead holder's lease is taken over at once); while it runs,
+       a second trainer on the workdir is refused, naming the holder.
+    3. SIGTERM: the trainer saves the current step and exits 0.
+    4. The same command finishes the run: every tensor equals the uninterrupted run's, and the
+       metrics file parses with each step's losses once, equal to its.
     """
-    workdir, log = tmp_path / "run", tmp_path / "stderr.txt"
-    # Same numerics and (session) cache as this process: the train step is loaded, not compiled.
-    env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest")
-    command = [sys.executable, "-m", "pdm_jax.main", "--config=configs/demo.py:smoke,steps=1000",
-               f"--workdir={workdir}", "--config.ckpt.every=1000", "--config.data.name=folder",
-               f"--config.data.folder={folder16}"]
-    with open(log, "w") as err:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                   stderr=err)
-    try:
-        deadline = time.monotonic() + 300
-        while "step 2/1000" not in log.read_text():
-            assert process.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "no progress line within 300 s"
-            time.sleep(0.5)
-        process.send_signal(signal.SIGTERM)
-        returncode = process.wait(timeout=240)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    stderr = log.read_text()
-    assert returncode == 0, stderr[-3000:]
-    assert "Stop requested" in stderr
-    steps = checkpoint_steps(workdir)
-    (step,) = steps[EXPERTS[0]]
-    assert steps == {name: [step] for name in EXPERTS} and 2 <= step < 1000
-    config = folder_config(folder16, num_steps=1000, ckpt_every=1000)
-    for name, (state, meta) in restore_states(config, workdir).items():
-        assert int(state["step"]) == step, name
-        assert meta["data_position"] == {"records_consumed_per_process": [step * BATCH]}
-        assert all(np.isfinite(v).all() for v in host_leaves(state["ema"]).values()), name
+    soak = load_soak_module()
+    workdir, log = tmp_path / "run", tmp_path / "train.log"
+    command = [sys.executable, "-m", "pdm_jax.main",
+               f"--config=configs/demo.py:smoke,steps={TRAINED_STEPS}",
+               f"--workdir={workdir}", "--config.ckpt.every=2", "--config.train.log_every=1",
+               "--config.data.name=folder", f"--config.data.folder={trained_run.folder}"]
+    # Same devices, numerics and session XLA cache as this process: nothing compiles again.
+    env = dict(os.environ)
+
+    first, start = soak.start_trainer(command, env, log)
+    assert soak.wait_for(first, log, start, f"Saving checkpoint step 4 to {workdir}/checkpoints/"
+                                            f"{EXPERTS[0]}")
+    soak.kill(first)
+
+    second, start = soak.start_trainer(command, env, log)
+    assert soak.wait_for(second, log, start, "Taking over the stale lease")
+    rival = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert rival.returncode != 0
+    assert f"pid {second.pid}" in rival.stderr and "held by a live run" in rival.stderr
+    assert soak.wait_for(second, log, start, "images/s"), log.read_text()[-3000:]
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(timeout=300) == 0, log.read_text()[-3000:]
+    stopped = log.read_text()[start:]
+    assert "resumed from step" in stopped and "Stop requested" in stopped
+
+    soak.run_to_end(command, env, log)
+    mesh = sharding.make_mesh(trained_run.config.mesh.shape)
+    for setup in state_lib.setup_experts(trained_run.config, mesh):
+        states = []
+        for run_dir in (trained_run.workdir, workdir):
+            with checkpointing.Checkpointer(
+                    checkpointing.expert_checkpoint_dir(str(run_dir), setup.name),
+                    signature=setup.signature) as ckpt:
+                states.append(host_leaves(ckpt.restore(setup.abstract)[0]))
+        reference, got = states
+        assert got.keys() == reference.keys() and int(got["step"]) == TRAINED_STEPS
+        for key, value in reference.items():
+            np.testing.assert_array_equal(got[key], value, err_msg=f"{setup.name}/{key}")
+    rows = loss_rows(workdir)  # every line parses
+    losses = {r["step"]: r["loss"] for r in rows}
+    assert sorted(r["step"] for r in rows) == list(range(1, TRAINED_STEPS + 1))  # each once
+    # The reference logged every 2nd step the float32 mean of two steps' losses.
+    for row in loss_rows(trained_run.workdir):
+        pair = np.asarray([losses[row["step"] - 1], losses[row["step"]]], np.float32)
+        assert float(np.mean(pair)) == row["loss"], row["step"]
+    assert os.listdir(workdir / "leases") == []
