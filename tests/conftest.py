@@ -94,6 +94,50 @@ def folder16(tmp_path_factory) -> pathlib.Path:
     return write_pngs(tmp_path_factory.mktemp("folder16"), ramp_images())
 
 
+def random_state(abstract, seed: int):
+    """Random values for every leaf of an abstract state (ShapeDtypeStructs with shardings),
+    each placed with its leaf's sharding: floats N(0, 0.2^2), integers and key data uniform.
+    A checkpoint of such states stands in for a trained run where no test needs the training.
+
+    The train state's rng is a raw uint32 key (jax.random.PRNGKey); a typed key leaf would get
+    random key data wrapped as a key of its own implementation.
+    """
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def one(leaf):
+        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            shape = jax.eval_shape(jax.random.key_data, leaf).shape
+            data = rng.integers(0, 2**32, shape, dtype=np.uint32)
+            return jax.device_put(jax.random.wrap_key_data(data, impl=leaf.dtype._impl),
+                                  leaf.sharding)
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            value = 0.2 * rng.standard_normal(leaf.shape)
+        else:
+            value = rng.integers(0, 1000, leaf.shape)
+        return jax.device_put(np.asarray(value, leaf.dtype), leaf.sharding)
+
+    return jax.tree.map(one, abstract)
+
+
+def write_random_run(workdir, config, step: int, seed: int = 0) -> dict:
+    """A workdir as training ``config`` to ``step`` would leave it (config.json, every expert's
+    checkpoint), holding random states; returns {expert name: state}."""
+    from pdm_jax import checkpointing, io as io_lib, sharding
+    from pdm_jax.training.state import setup_experts
+
+    setups = setup_experts(config, sharding.make_mesh(config.mesh.shape))
+    states = {s.name: random_state(s.abstract, seed + k) for k, s in enumerate(setups)}
+    io_lib.write_atomic(f"{workdir}/{checkpointing.CONFIG_FILE}",
+                        config.to_json_best_effort(indent=2, sort_keys=True))
+    ckpts = checkpointing.ExpertCheckpoints(str(workdir), setups, every=1, keep=1)
+    ckpts.save(step, states, {})
+    ckpts.close()
+    return states
+
+
 TRAINED_STEPS = 30
 TRAINED_CKPTS = (10, 20, 30)  # the trained run's checkpoints (ckpt.every=10, keep=3)
 

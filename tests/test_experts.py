@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 from flax import nnx
 
-from conftest import load_config
+from conftest import load_config, random_state
 from pdm_jax import checkpointing, io as io_lib, sampling, sharding
 from pdm_jax.diffusion.experts import (
     dispatching_model_fn, experts_from_config, sampling_steps_per_expert)
@@ -76,30 +76,6 @@ def test_recipe_configs_hit_the_spec_table(name, arg, params_m, gmacs):
     (expert,) = summary.summarize(load_config(name, arg))["experts"]
     assert abs(expert["params"] / 1e6 - params_m) / params_m < 0.005
     assert abs(expert["gmacs_per_forward"] - gmacs) / gmacs < 0.02
-
-
-def random_state(abstract, seed: int):
-    """Random values for every leaf of an abstract state (ShapeDtypeStructs with shardings),
-    each placed with its leaf's sharding: floats N(0, 0.2^2), integers and key data uniform.
-
-    The train state's rng is a raw uint32 key (jax.random.PRNGKey); a typed key leaf would get
-    random key data wrapped as a key of its own implementation.
-    """
-    rng = np.random.default_rng(seed)
-
-    def one(leaf):
-        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            shape = jax.eval_shape(jax.random.key_data, leaf).shape
-            data = rng.integers(0, 2**32, shape, dtype=np.uint32)
-            return jax.device_put(jax.random.wrap_key_data(data, impl=leaf.dtype._impl),
-                                  leaf.sharding)
-        if jnp.issubdtype(leaf.dtype, jnp.floating):
-            value = 0.2 * rng.standard_normal(leaf.shape)
-        else:
-            value = rng.integers(0, 1000, leaf.shape)
-        return jax.device_put(np.asarray(value, leaf.dtype), leaf.sharding)
-
-    return jax.tree.map(one, abstract)
 
 
 def test_dispatch_runs_only_the_owning_expert_and_sampling_uses_both():

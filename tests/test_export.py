@@ -1,7 +1,7 @@
 """--mode=export and the standalone inference API, end to end on 8 virtual CPU devices.
 
-The session's trained two-expert ``configs/demo.py:smoke`` run (conftest.trained_run, shared
-with test_train_e2e.py) is sampled with ``--mode=sample`` and exported (fp32 with raw
+A two-expert ``configs/demo.py:smoke`` workdir holding checkpoints of random weights (what is
+tested here needs no training) is sampled with ``--mode=sample`` and exported (fp32 with raw
 parameters, and bf16); a fresh Python process loads the fp32 export through
 ``pdm_jax.Pipeline`` and ``python -m pdm_jax.cli.sample_export`` with neither orbax nor
 TensorFlow imported, reproducing ``--mode=sample``'s images bit for bit. The session's
@@ -23,24 +23,26 @@ import pytest
 import safetensors.numpy
 from PIL import Image
 
-from conftest import REPO, TRAINED_STEPS
+from conftest import REPO, folder_config, write_random_run
 from pdm_jax import export_format
 from pdm_jax.inference import Pipeline
 from pdm_jax.jobs import export, sample
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("trained_run")]
+pytestmark = pytest.mark.slow
 
 EXPERTS = ("snr_0.25_inf", "snr_0_0.25")  # the smoke ensemble's expert names
 NUM, BATCH = 20, 16  # two sampler calls, the second cut to 4 images
+STEP = 7  # the checkpoints' step
 
 
 @pytest.fixture(scope="module")
-def run(trained_run, tmp_path_factory):
-    """``--mode=sample`` and two exports of the session's trained run."""
+def run(folder16, tmp_path_factory):
+    """``--mode=sample`` and two exports of a workdir with random checkpoints at STEP."""
     root = tmp_path_factory.mktemp("export_run")
-    config = trained_run.config.copy_and_resolve_references()
+    config = folder_config(folder16, num_steps=STEP, ckpt_every=STEP)
     config.sample.update(num_samples=NUM, batch_size=BATCH, name="ref", seed=3)
-    workdir = trained_run.workdir
+    workdir = root / "workdir"
+    final = write_random_run(workdir, config, STEP)
     npz = sample.run(config, str(workdir))
     with np.load(npz) as data:
         images, labels = data["arr_0"], data["arr_1"]
@@ -48,7 +50,7 @@ def run(trained_run, tmp_path_factory):
     fp32 = export.run(config, str(workdir))
     config.export.update(include_raw=False, dtype="bfloat16", dir=str(root / "bf16"))
     bf16 = export.run(config, str(workdir))
-    states = [jax.device_get(trained_run.state[name]) for name in EXPERTS]
+    states = [jax.device_get(final[name]) for name in EXPERTS]
     return types.SimpleNamespace(config=config, workdir=workdir, root=root, images=images,
                                  labels=labels, fp32=pathlib.Path(fp32),
                                  bf16=pathlib.Path(bf16), states=states)
@@ -71,14 +73,14 @@ def test_export_layout_model_json_and_card(run):
         ["README.md", "model.json"] + [f"{e}.ema.safetensors" for e in EXPERTS])
     assert not [p for p in os.listdir(run.root) if ".tmp-" in p or ".old-" in p]
     meta = json.loads((run.fp32 / "model.json").read_text())
-    assert meta["step"] == TRAINED_STEPS and meta["dtype"] == "float32" and meta["num_classes"] == 8
+    assert meta["step"] == STEP and meta["dtype"] == "float32" and meta["num_classes"] == 8
     assert meta["config_hash"] == export_format.config_hash(run.config)
     assert [(e["name"], e["snr_interval"], e["model"]["patch_size"], e["step"])
-            for e in meta["experts"]] == [(EXPERTS[0], [0.25, float("inf")], 2, TRAINED_STEPS),
-                                          (EXPERTS[1], [0.0, 0.25], 4, TRAINED_STEPS)]
+            for e in meta["experts"]] == [(EXPERTS[0], [0.25, float("inf")], 2, STEP),
+                                          (EXPERTS[1], [0.0, 0.25], 4, STEP)]
     assert meta["config"]["diffusion"] == run.config.diffusion.to_dict()
     card = (run.fp32 / "README.md").read_text()
-    assert "`folder` at 16x16, 8 classes" in card and f"step {TRAINED_STEPS}" in card
+    assert "`folder` at 16x16, 8 classes" in card and f"step {STEP}" in card
     assert f"| 1 `{EXPERTS[1]}` | (0, 0.25] | 4 |" in card
 
 
@@ -91,7 +93,7 @@ def test_exported_tensors_are_the_checkpoint_ema_and_raw_params(run):
             for k in expected:
                 assert stored[k].dtype == np.float32
                 np.testing.assert_array_equal(stored[k], expected[k], err_msg=f"{name} {k}")
-        # Training with EMA decay 0.99 leaves EMA and raw parameters different.
+        # Independent random EMA and raw parameters: the export must not mix them up.
         assert not np.array_equal(stored["out_conv/kernel"],
                                   export_format.flatten_params(
                                       jax.device_get(run.states[index]["ema"]))["out_conv/kernel"])
@@ -165,7 +167,7 @@ def test_sample_export_command_writes_grid_and_npz(run, fresh_process):
 
 def test_pipeline_validates_arguments_before_compiling(run):
     pipeline = Pipeline.load(str(run.bf16))
-    assert pipeline.step == TRAINED_STEPS and pipeline.num_classes == 8
+    assert pipeline.step == STEP and pipeline.num_classes == 8
     assert pipeline.image_size == 16
     for kwargs, message in (
             (dict(num=0), "num must be a positive int"),
@@ -247,6 +249,6 @@ def test_export_refuses_bad_dtype_and_non_export_targets(run, tmp_path):
     meta, config, params = export_format.read_export(str(run.bf16))
     with pytest.raises(FileExistsError, match="is not a pdm_jax export; refusing"):
         export_format.write_export(str(tmp_path / "busy"), config, [{"ema": p} for p in params],
-                                   [TRAINED_STEPS] * 2, dtype="float32", source={})
+                                   [STEP] * 2, dtype="float32", source={})
     assert os.listdir(tmp_path / "busy") == ["notes.txt"]
     assert sorted(os.listdir(tmp_path)) == ["busy"]  # no temporary directory left behind

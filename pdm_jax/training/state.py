@@ -86,6 +86,16 @@ def _init_state(unet_config: UNetConfig, tx: optax.GradientTransformation, seed:
             "rng": train_rng}
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_init(model: UNetConfig, optim_json: str, seed: int, mesh: Mesh) -> Any:
+    """The jitted initialiser of one expert's state; one per setting in a process, so creating
+    the same state again (a test, a sweep) neither traces nor compiles again."""
+    tx = make_optimizer(ml_collections.ConfigDict(json.loads(optim_json)))
+    abstract = jax.eval_shape(lambda: _init_state(model, tx, seed))
+    return jax.jit(lambda: _init_state(model, tx, seed),
+                   out_shardings=sharding.param_shardings(abstract, mesh))
+
+
 def checkpoint_signature(expert: Expert) -> dict[str, Any]:
     """What an expert's checkpoint arrays depend on: the U-Net and the optimiser state layout.
 
@@ -132,8 +142,9 @@ class ExpertSetup:
 
     def create_state(self) -> State:
         """A freshly initialised state, created directly in its sharded layout."""
-        return jax.jit(lambda: _init_state(self.expert.model, self.tx, self.seed),
-                       out_shardings=self.shardings)()
+        mesh = jax.tree.leaves(self.shardings)[0].mesh
+        optim = json.dumps(self.expert.optim.to_dict(), sort_keys=True)
+        return _jitted_init(self.expert.model, optim, self.seed, mesh)()
 
     def num_params(self) -> int:
         return sum(int(a.size) for a in jax.tree.leaves(self.abstract["params"]))

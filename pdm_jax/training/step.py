@@ -6,6 +6,8 @@ can run it on machines that have only JAX, Flax and optax.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any, Callable, Sequence
 
 import jax
@@ -103,11 +105,28 @@ def make_train_step(config: ml_collections.ConfigDict, setups: Sequence[ExpertSe
 def jit_train_step(config: ml_collections.ConfigDict, setups: Sequence[ExpertSetup],
                    schedule: Schedule, mesh: Mesh) -> Any:
     """:func:`make_train_step` jitted over ``mesh``: states keep their shardings (donated),
-    batches are split over every device, metrics are replicated."""
-    shardings = {s.name: s.shardings for s in setups}
-    return jax.jit(make_train_step(config, setups, schedule),
-                   in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+    batches are split over every device, metrics are replicated.
+
+    Runs of the same step in one process (tests, sweeps, a resumed run after a stop) share one
+    jitted function, so it is traced, lowered and compiled (or loaded) once: the step depends
+    only on the settings in the key below, not on step counts, data or logging.
+    """
+    key = json.dumps({"diffusion": config.diffusion.to_dict(),
+                      "train": {k: config.train[k] for k in ("ema_decay", "label_dropout")},
+                      "schedule": hashlib.sha1(schedule.betas.tobytes()).hexdigest(),
+                      "experts": [[s.name, s.signature, s.expert.optim.to_dict(),
+                                   list(s.expert.snr_interval)] for s in setups]},
+                     sort_keys=True, default=str)
+    if (key, mesh) not in _JITTED_STEPS:
+        shardings = {s.name: s.shardings for s in setups}
+        _JITTED_STEPS[key, mesh] = jax.jit(
+            make_train_step(config, setups, schedule),
+            in_shardings=(shardings, sharding.batch_sharding(mesh)),
+            out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+    return _JITTED_STEPS[key, mesh]
+
+
+_JITTED_STEPS: dict[tuple[str, Mesh], Any] = {}
 
 
 class MetricsQueue:
