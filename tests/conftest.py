@@ -28,17 +28,26 @@ def pytest_configure(config):
     """One persistent XLA compilation cache for the session, shared by the xdist workers and
     every subprocess they start (through the environment): a program that several test files
     (or a test and the subprocess it starts) build is compiled once. Threshold 0: orbax's
-    checkpoint writes also jit hundreds of tiny slices, and loading those is cheaper than
-    compiling them again."""
-    run = getattr(config, "workerinput", {}).get("testrunuid") or f"pid{os.getpid()}"
-    path = os.path.join(tempfile.gettempdir(), f"pdm_jax_tests_xla_cache_{run}")
-    os.makedirs(path, exist_ok=True)
+    checkpoint writes also jit small programs, and loading those is cheaper than compiling them
+    again. The controller (or a run without xdist) creates it; workers inherit it."""
+    path = os.environ.get("PDM_JAX_TESTS_XLA_CACHE")
+    if not path:
+        path = tempfile.mkdtemp(prefix="pdm_jax_tests_xla_cache_")
+        os.environ["PDM_JAX_TESTS_XLA_CACHE"] = path
+        config.pdm_jax_owns_cache = True
     os.environ.update(JAX_COMPILATION_CACHE_DIR=path,
                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "pdm_jax_owns_cache", False):
+        import shutil
+
+        shutil.rmtree(os.environ.pop("PDM_JAX_TESTS_XLA_CACHE"), ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -86,8 +86,24 @@ def test_fid_survives_singular_covariances_from_fewer_samples_than_dimensions():
 def test_fid_rejects_mismatched_shapes_and_non_psd_input():
     with pytest.raises(ValueError, match="Mismatched"):
         metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
-    with pytest.raises(ValueError, match="imaginary"):
+    with pytest.raises(ValueError, match=r"the first covariance is not positive semi-definite "
+                                         r"\(eigenvalue -4"):
         metrics.frechet_distance(np.zeros(2), np.diag([1.0, -4.0]), np.zeros(2), np.eye(2))
+    with pytest.raises(ValueError, match="the second covariance .* is not positive semi"):
+        metrics.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([1.0, -4.0]))
+
+
+def test_fid_equals_adm_s_scipy_sqrtm_formula():
+    """ADM's evaluator: diff^2 + tr(s1) + tr(s2) - 2 tr(sqrtm(s1 @ s2)) with scipy's sqrtm."""
+    from scipy import linalg
+
+    rng = np.random.default_rng(4)
+    a = metrics.GaussianStats.from_features(rng.normal(size=(400, 96)))
+    b = metrics.GaussianStats.from_features(rng.normal(size=(400, 96)) * 1.3 + 0.2)
+    covmean = linalg.sqrtm(a.sigma @ b.sigma).real
+    diff = a.mean - b.mean
+    adm = diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean)
+    np.testing.assert_allclose(metrics.fid_from_stats(a, b), adm, rtol=1e-11)
 
 
 #### Streaming statistics ####

@@ -4,9 +4,10 @@ Everything here works on Inception features, never on images, so it is testable 
 forms. Conventions (ADM, guided-diffusion/evaluations/evaluator.py):
 
 * FID / sFID: Frechet distance between Gaussians fitted to pool_3 (2048-d) / mixed_6 spatial
-  (17*17*7 = 2023-d) features, in float64, with scipy's Schur-based matrix square root and
-  pytorch-fid's / ADM's handling of a singular product (retry with eps*I added to both
-  covariances) and of round-off imaginary parts (dropped when small, an error when large).
+  (17*17*7 = 2023-d) features, in float64. ADM takes tr(sqrtm(sigma1 sigma2)) with scipy's
+  Schur-based square root; we take the same trace from two symmetric eigendecompositions (see
+  :func:`frechet_distance`): equal to round-off (1e-14 relative at 5,000 samples), 6x faster,
+  and without ADM's eps retry for the singular covariances of few samples.
 * Inception Score: softmax of the classifier logits, consecutive splits of 5000 samples (so 10
   splits for 50k samples), exp(mean KL(p(y|x) || p(y))) per split, averaged over splits. The
   "10 splits" convention of improved-gan/torch-fidelity gives the same number for 50k samples
@@ -27,12 +28,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import linalg
 
 # ADM's split size for the Inception Score.
 IS_SPLIT_SIZE = 5000
@@ -97,21 +96,27 @@ class GaussianStats:
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
+                     tol: float = 1e-6) -> float:
     """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), in float64.
+
+    ADM's evaluator takes the trace of scipy's ``sqrtm(sigma1 @ sigma2)``. The trace alone is
+    needed, and it is the sum of the square roots of the eigenvalues of sigma1 sigma2, which
+    are those of the symmetric PSD matrix A sigma2 A with A = sigma1^(1/2): two symmetric
+    eigendecompositions instead of a Schur decomposition of a non-symmetric matrix, about 6x
+    faster at 2048-d (2 s instead of 12.6 s on a 2-core CPU) and well defined for the singular
+    covariances of few samples. Agrees with sqrtm to round-off (tests/test_fid_metrics.py).
 
     Args:
       mu1, sigma1: mean (D,) and covariance (D, D) of the first Gaussian.
       mu2, sigma2: those of the second.
-      eps: diagonal offset added to both covariances when the product's square root is not
-        finite (singular product, e.g. fewer samples than dimensions).
+      tol: eigenvalues below -tol x the largest one mean the input is not PSD (an error);
+        smaller negative ones are round-off and count as 0.
 
     Returns:
       The Frechet distance (FID when the inputs are Inception pool_3 statistics).
 
     Raises:
-      ValueError: mismatched shapes, or a square root whose diagonal has an imaginary part
-        above 1e-3 (a sign of non-PSD inputs rather than round-off).
+      ValueError: mismatched shapes, or a covariance that is not positive semi-definite.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
@@ -119,19 +124,21 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f"Mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma "
                          f"{sigma1.shape} vs {sigma2.shape}.")
+
+    def psd_eigenvalues(matrix: np.ndarray, what: str, vectors: bool = False):
+        result = np.linalg.eigh(matrix) if vectors else np.linalg.eigvalsh(matrix)
+        w = result[0] if vectors else result
+        if w.min() < -tol * max(abs(w.max()), np.finfo(np.float64).tiny):
+            raise ValueError(f"FID: {what} is not positive semi-definite (eigenvalue "
+                             f"{w.min():.3g}, largest {w.max():.3g}).")
+        return (np.clip(w, 0.0, None), result[1]) if vectors else np.clip(w, 0.0, None)
+
+    w1, v1 = psd_eigenvalues((sigma1 + sigma1.T) / 2, "the first covariance", vectors=True)
+    root1 = (v1 * np.sqrt(w1)) @ v1.T
+    product = psd_eigenvalues(root1 @ ((sigma2 + sigma2.T) / 2) @ root1,
+                              "the second covariance (seen through the first)")
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        warnings.warn(f"FID: the product of covariances is singular; adding {eps} to their "
-                      f"diagonals.", stacklevel=2)
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"FID: matrix square root has an imaginary component of "
-                             f"{np.max(np.abs(covmean.imag)):.3g}; are the covariances PSD?")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.sqrt(product).sum())
 
 
 def fid_from_stats(a: GaussianStats, b: GaussianStats) -> float:
