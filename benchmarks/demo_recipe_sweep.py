@@ -35,12 +35,24 @@ sys.path.insert(0, str(REPO))
 # Overrides of configs/demo.py (applied with ConfigDict.update per section), each stated in full
 # so a recipe means what it meant when it was measured (benchmarks/RESULTS.md), whatever the
 # shipped defaults become. "demo" is the shipped recipe; "two_expert_x0" the one it replaced.
+# The 64x64 demo U-Net the first two rounds were measured with (configs/demo.py until
+# 2026-12-02); every recipe states its architecture in full.
+_DEMO64 = dict(image_size=64, patch_size=4, model_channels=64, channel_mult=(1, 2, 2),
+               num_res_blocks=1, attention_resolutions=(8, 4), num_head_channels=64,
+               num_groups=32)
+
+
 def _recipe(experts=1, param="x0", weighting="sqrt_snr", lr=1e-3, batch=32, learn_sigma=False,
-            ema=0.99, **model):
-    return dict(arg=f"experts={experts}", optim=dict(lr=lr), train=dict(batch_size=batch,
-                                                                         ema_decay=ema),
-                model=dict(learn_sigma=learn_sigma, **model),
+            ema=0.99, warmup=100, **model):
+    model = dict(_DEMO64, learn_sigma=learn_sigma, **model)
+    return dict(arg=f"experts={experts}", optim=dict(lr=lr, warmup_steps=warmup),
+                train=dict(batch_size=batch, ema_decay=ema),
+                data=dict(image_size=model["image_size"]), model=model,
                 diffusion=dict(parameterization=param, weighting=weighting))
+
+
+# Third round (2-core CPU, 10-minute budget): smaller images and token grids.
+_D32 = dict(image_size=32, channel_mult=(1, 2, 2))
 
 
 # Images in each snapshot grid (one sampling batch).
@@ -69,6 +81,14 @@ RECIPES: dict[str, dict] = {
     "x0_ch32_lr2e3": _recipe(lr=2e-3, **_CH32),
     "x0_ch32_b16_lr2e3": _recipe(batch=16, lr=2e-3, **_CH32),
     "x0_ch48_b16": _recipe(batch=16, model_channels=48, num_head_channels=48, num_groups=16),
+    "d32_p2": _recipe(batch=16, lr=2e-3, patch_size=2, attention_resolutions=(8, 4), **_D32),
+    "d32_p4": _recipe(batch=16, lr=2e-3, patch_size=4, attention_resolutions=(4, 2), **_D32),
+    "d32_p4_b32": _recipe(batch=32, lr=2e-3, patch_size=4, attention_resolutions=(4, 2),
+                          **_D32),
+    "d32_p4_w96": _recipe(batch=16, lr=2e-3, patch_size=4, attention_resolutions=(4, 2),
+                          model_channels=96, num_head_channels=32, **_D32),
+    "d48_p4": _recipe(batch=16, lr=2e-3, patch_size=4, attention_resolutions=(6, 3),
+                      image_size=48, channel_mult=(1, 2, 2)),
 }
 
 
@@ -87,7 +107,7 @@ def recipe_config(name: str, smoke: bool):
     arg = ",".join(filter(None, [recipe.pop("arg", ""), "smoke" if smoke else ""]))
     config = demo_config(arg)
     for section, overrides in recipe.items():
-        if smoke and section == "model":
+        if smoke and section in ("model", "data"):  # the smoke size keeps its 16x16 U-Net
             overrides = {k: v for k, v in overrides.items() if k == "learn_sigma"}
         config[section].update(overrides)
     if smoke:  # A micro U-Net that compiles in seconds: the smoke run checks the plumbing only.

@@ -31,7 +31,7 @@ def get_config(arg: str | None = None):
     c.optim.warmup_steps = 5_000
     c.optim.b1, c.optim.b2 = 0.9, 0.98
     c.train.batch_size = 32
-    c.train.num_steps = 500_000
+    c.train.num_steps = 780_000  # the released TF config (SPEC 7)
     c.train.ema_decay = 0.9999
     c.sample.guidance_scale = 1.0
     if args.smoke:

@@ -55,7 +55,8 @@ def get_config(arg: str | None = None):
     c.optim.warmup_steps = 5_000
     c.optim.b1, c.optim.b2 = 0.9, 0.99
     c.train.batch_size = 256
-    c.train.num_steps = 1_000_000
+    # 500k steps per expert (SPEC 7): a joint run steps both experts at once.
+    c.train.num_steps = 500_000
     c.train.ema_decay = 0.9999
     c.train.label_dropout = 0.1
     c.sample.steps = "250"

@@ -21,6 +21,8 @@ ARCHITECTURES = {
     4: (256, (1, 1, 2, 2), 2, 256),
     8: (256, (1, 1.5, 2), 3, 512),
 }
+# Training lengths of the released TF configs (SPEC 7).
+TRAIN_STEPS = {2: 335_000, 4: 275_000, 8: 215_000}
 
 
 def get_config(arg: str | None = None):
@@ -43,7 +45,7 @@ def get_config(arg: str | None = None):
     c.optim.warmup_steps = 5_000
     c.optim.b1, c.optim.b2 = 0.9, 0.99
     c.train.batch_size = batch
-    c.train.num_steps = 500_000
+    c.train.num_steps = TRAIN_STEPS[args.patch]
     c.train.ema_decay = 0.9999
     c.sample.guidance_scale = 1.0
     if args.smoke:

@@ -28,6 +28,16 @@ run() {
   fi
 }
 
+# Prints a line of the plan that is not a single command (a redirection, a pipeline, a
+# step's description): to stdout under --dry-run, else to stderr beside the commands run.
+plan() {
+  if [[ "$DRY_RUN" == 1 ]]; then
+    printf '%s\n' "$*"
+  else
+    printf '%s\n' "$*" >&2
+  fi
+}
+
 # require VAR "what it is": fails with a clear message when VAR is unset or empty.
 require() {
   local name=$1 what=$2

@@ -4,10 +4,16 @@
 # Usage: launch/gpu.sh [--dry-run] node|slurm
 #
 #   node    run THIS node's process (start it on every node, e.g. by hand, pdsh or a scheduler):
-#           python -m pdm_jax.main ... --coordinator_address --num_processes --process_id,
-#           logging to LOG_DIR/process_<PROCESS_ID>.log as well as the terminal
+#           python -m pdm_jax.main ... --coordinator_address --num_processes --process_id.
+#           Python writes LOG_DIR/process_<PROCESS_ID>.log itself (appended); the script
+#           shows that log on the terminal too. A SIGTERM/SIGINT to the script is passed on
+#           to python, and the script waits for it to save and exit.
 #   slurm   inside a Slurm allocation (sbatch/salloc): srun one task per node, each running
-#           "launch/gpu.sh node" with PROCESS_ID=$SLURM_PROCID; the first node coordinates
+#           "launch/gpu.sh node" with PROCESS_ID=$SLURM_PROCID; the first node coordinates.
+#           Each task keeps every GPU of its node (pdm_jax.sharding passes them all to
+#           jax.distributed). In the sbatch script, ask for the stop signal ahead of the time
+#           limit so the last save fits: #SBATCH --signal=TERM@300 (Slurm's KillWait after a
+#           plain scancel is 30 s by default; "scancel --signal=TERM JOBID" stops gracefully).
 #
 # --dry-run prints every variable it checked and every command it would run, runs nothing.
 #
@@ -19,8 +25,9 @@
 #                            slurm (optional): default <first node of the allocation>:PORT
 #   NUM_PROCESSES            node: number of nodes (processes)
 #   PROCESS_ID               node: this node's index, 0 .. NUM_PROCESSES-1
-#   SLURM_JOB_NODELIST, SLURM_NNODES   slurm: set by Slurm inside the allocation
-#   PORT                     slurm (optional): coordinator port, default 12355
+#   SLURM_JOB_ID, SLURM_JOB_NODELIST, SLURM_NNODES   slurm: set by Slurm inside the allocation
+#   PORT                     slurm (optional): coordinator port, default 61440 + SLURM_JOB_ID %
+#                            4096 (a port per job, as JAX's own Slurm detection picks it)
 #   LOG_DIR                  optional: default ./logs
 #   PYTHON                   optional: default python
 #
@@ -73,31 +80,53 @@ case "$COMMAND" in
          --process_id="$PROCESS_ID" "${extra_words[@]}")
     run cd "$REPO_ROOT"
     run mkdir -p "$LOG_DIR"
-    if [[ "$DRY_RUN" == 1 ]]; then
-      echo "+ $(quote_args "${cmd[@]}") 2>&1 | tee -a $(quote_args "$log")"
-    else
-      echo "+ $(quote_args "${cmd[@]}") 2>&1 | tee -a $(quote_args "$log")" >&2
-      "${cmd[@]}" 2>&1 | tee -a "$log"
+    # Python writes its log itself (no pipe to tee, which would get the same SIGTERM and lose
+    # the last lines of the final save); tail shows it here and ignores SIGTERM/SIGINT.
+    plan "+ $(quote_args "${cmd[@]}") >> $(quote_args "$log") 2>&1 < /dev/null &"
+    plan "# on SIGTERM/SIGINT: kill -TERM <python pid>, then wait for it to save and exit"
+    if [[ "$DRY_RUN" == 0 ]]; then
+      offset=$(( $(stat -c %s "$log" 2>/dev/null || echo 0) + 1 ))
+      "${cmd[@]}" >> "$log" 2>&1 < /dev/null &
+      pid=$!
+      trap 'echo "gpu.sh: signal received: SIGTERM to python (pid $pid), waiting for it to exit" >&2
+            kill -TERM "$pid" 2>/dev/null || true' TERM INT
+      ( trap '' TERM INT; exec tail -c "+$offset" -F --pid="$pid" "$log" 2>/dev/null ) &
+      tail_pid=$!
+      # wait returns early (status > 128) when a trapped signal arrives: wait again until
+      # python is gone, then read its exit status.
+      status=0
+      while kill -0 "$pid" 2>/dev/null; do wait "$pid" && status=0 || status=$?; done
+      wait "$pid" 2>/dev/null && status=0 || status=$?
+      wait "$tail_pid" 2>/dev/null || true
+      echo "gpu.sh: python exited with status $status (log: $log)" >&2
+      exit "$status"
     fi
     ;;
   slurm)
+    require SLURM_JOB_ID "run inside a Slurm allocation (sbatch or salloc)"
     require SLURM_JOB_NODELIST "run inside a Slurm allocation (sbatch or salloc)"
     require SLURM_NNODES "run inside a Slurm allocation (sbatch or salloc)"
-    PORT=${PORT:-12355}
+    check_int SLURM_JOB_ID "$SLURM_JOB_ID"
+    # A port per job, so jobs that share a node do not collide (JAX's own choice under Slurm).
+    PORT=${PORT:-$(( 61440 + SLURM_JOB_ID % 4096 ))}
     check_int PORT "$PORT"
+    [[ "$DRY_RUN" == 1 ]] && echo "# checked PORT=$PORT"
     if [[ -z "${COORDINATOR_ADDRESS:-}" ]]; then
       # A read-only query, also under --dry-run: the first node of the allocation.
       if ! command -v scontrol > /dev/null; then
         echo "error: scontrol not found; set COORDINATOR_ADDRESS=host:port" >&2
         exit 2
       fi
-      COORDINATOR_ADDRESS="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1):$PORT"
+      # All of the output, then its first line (head -n 1 in a pipe could SIGPIPE scontrol).
+      hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
+      COORDINATOR_ADDRESS="${hosts%%$'\n'*}:$PORT"
     fi
     [[ "$DRY_RUN" == 1 ]] && echo "# checked COORDINATOR_ADDRESS=$COORDINATOR_ADDRESS"
     export CONFIG WORKDIR EXTRA_ARGS LOG_DIR PYTHON COORDINATOR_ADDRESS
     export NUM_PROCESSES="$SLURM_NNODES"
-    # One task per node; every task sees all GPUs of its node. $SLURM_PROCID is expanded by
-    # each task's shell, not here.
+    # One task per node; every task sees all GPUs of its node (a step gets all of the job's
+    # GPUs on the node) and pdm_jax.sharding keeps them all in the process. $SLURM_PROCID is
+    # expanded by each task's shell, not here.
     run srun --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1 \
       --kill-on-bad-exit=1 \
       bash -c "PROCESS_ID=\$SLURM_PROCID exec $(quote_args "$REPO_ROOT/launch/gpu.sh") node"

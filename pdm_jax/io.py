@@ -69,7 +69,15 @@ def save_samples_npz(path: PathLike, images: np.ndarray, labels: np.ndarray) -> 
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[-1, 1] floats -> uint8 with round-to-nearest (ADM's convention)."""
+    """Model samples in [-1, 1] -> uint8 as ADM's sample scripts and both official ports do:
+    (x + 1) * 127.5, clipped to [0, 255], then TRUNCATED (not rounded), so that FIDs of our
+    samples compare with theirs (rounding would shift every pixel by half a level on average)."""
+    return np.clip((np.asarray(images, np.float32) + 1.0) * 127.5, 0, 255).astype(np.uint8)
+
+
+def data_to_uint8(images: np.ndarray) -> np.ndarray:
+    """Data images back to uint8: the exact inverse (by rounding) of the input pipeline's
+    u / 127.5 - 1, for reference batches of the training data."""
     return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(
         np.uint8)
 

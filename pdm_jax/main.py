@@ -23,7 +23,8 @@ config_flags.DEFINE_config_file("config", None, "Config file (configs/x.py[:arg]
 flags.DEFINE_string("workdir", None, "Run directory (local path or gs://).")
 # --mode -> module of pdm_jax.jobs whose run(config, workdir) does it.
 JOBS = {"train": "train", "sample": "sample", "summary": "summary", "export": "export",
-        "analyze": "analyze", "eval": "evaluate", "ref_stats": "ref_stats"}
+        "analyze": "analyze", "eval": "evaluate", "ref_stats": "ref_stats",
+        "prepare_data": "prepare_data"}
 flags.DEFINE_enum("mode", "train", list(JOBS), "What to do.")
 flags.DEFINE_string("export_dir", None, "--mode=export: output directory (same as "
                     "--config.export.dir; default WORKDIR/export).")
@@ -76,12 +77,12 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
     _default_compilation_cache()
-    from pdm_jax import sharding
+    from pdm_jax import distributed
     from pdm_jax.data import pipeline
 
     pipeline.hide_accelerators_from_tensorflow()  # tf.data must not take accelerator memory
-    sharding.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                          FLAGS.process_id)
+    distributed.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                             FLAGS.process_id)
     config = FLAGS.config
     if FLAGS.mode != "train":
         config = _with_run_config(config, FLAGS.workdir)

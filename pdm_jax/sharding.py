@@ -1,4 +1,4 @@
-"""Device meshes, parameter sharding rules, global batches and multi-process start-up.
+"""Device meshes, parameter sharding rules and global batches (start-up: distributed.py).
 
 Conventions (maxtext / big_vision style, see STYLE.md):
   * The mesh has axes named by role: 'data' (pure data parallelism, parameters replicated)
@@ -14,9 +14,7 @@ Everything here is jit + Mesh + NamedSharding; there is no pmap.
 
 from __future__ import annotations
 
-import glob
 import math
-import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -29,113 +27,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 
-# Environment variables that mean "this process is one of several": the first is JAX's own
-# coordinator variable, the others are cluster launchers that jax.distributed auto-detects.
-_MULTI_PROCESS_ENV: tuple[tuple[str, Callable[[str], bool]], ...] = (
-    ("JAX_COORDINATOR_ADDRESS", bool),
-    ("TPU_WORKER_HOSTNAMES", lambda v: len([h for h in v.split(",") if h.strip()]) > 1),
-    ("OMPI_COMM_WORLD_SIZE", lambda v: v.isdigit() and int(v) > 1),
-)
-
-
-#### Multi-process start-up ####
-
-
-def maybe_initialize_distributed(
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-) -> None:
-    """Starts jax.distributed when this run spans several processes; a no-op otherwise.
-
-    It starts when arguments are given, when the environment names a coordinator or a
-    multi-process launcher (JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES and JAX_PROCESS_ID
-    for a plain per-node launch, TPU_WORKER_HOSTNAMES with several hosts,
-    OMPI_COMM_WORLD_SIZE > 1), or on a Cloud TPU VM. A single CPU/GPU process stays as is.
-    Must run before anything touches a JAX backend (device lists, arrays, jit).
-
-    Args:
-      coordinator_address: 'host:port' of process 0. When any argument is given,
-        jax.distributed.initialize is called with them (None ones auto-detected).
-      num_processes: total number of processes; None reads JAX_NUM_PROCESSES if set.
-      process_id: index of this process; None reads JAX_PROCESS_ID if set.
-
-    Returns:
-      None. Logs process index/count and the local and global devices.
-
-    Raises:
-      ValueError: if JAX_NUM_PROCESSES / JAX_PROCESS_ID is not a non-negative integer.
-    """
-    # A plain per-node launch sets all three variables; JAX itself reads only the address.
-    num_processes = _int_from_env("JAX_NUM_PROCESSES", num_processes)
-    process_id = _int_from_env("JAX_PROCESS_ID", process_id)
-    explicit = any(a is not None for a in (coordinator_address, num_processes, process_id))
-    detected = [name for name, is_multi in _MULTI_PROCESS_ENV if is_multi(os.environ.get(name, ""))]
-    if _running_on_cloud_tpu_vm():
-        # TPU VM pods publish their workers through the metadata server, not the environment;
-        # jax.distributed.initialize() finds them (one process on a single-host TPU VM).
-        detected.append("cloud TPU VM")
-    if jax.distributed.is_initialized():
-        logging.info("jax.distributed already initialised; not initialising again.")
-    elif explicit or detected:
-        logging.info(
-            "Initialising jax.distributed (explicit arguments: %s, environment: %s).",
-            explicit,
-            detected or "none",
-        )
-        jax.distributed.initialize(
-            coordinator_address=coordinator_address,
-            num_processes=num_processes,
-            process_id=process_id,
-        )
-    logging.info(
-        "JAX process %d / %d; %d local devices, %d global devices: %s",
-        jax.process_index(),
-        jax.process_count(),
-        jax.local_device_count(),
-        jax.device_count(),
-        jax.devices(),
-    )
-
-
-def _int_from_env(name: str, value: int | None) -> int | None:
-    """`value` if given, else the integer in environment variable `name`, else None."""
-    raw = os.environ.get(name, "")
-    if value is not None or not raw:
-        return value
-    if not raw.isdigit():
-        raise ValueError(f"Environment variable {name}={raw!r} must be a non-negative integer.")
-    return int(raw)
-
-
-def _running_on_cloud_tpu_vm() -> bool:
-    """Whether this process runs on a Cloud TPU VM (whose pods need jax.distributed).
-
-    ``PDM_JAX_CLOUD_TPU=1`` or ``0`` decides (launch/tpu.sh sets 1). Otherwise JAX's own TPU
-    probe decides wherever TPU device files exist; if that private probe is missing (a JAX
-    upgrade), this fails loudly instead of silently running a pod as independent hosts.
-    """
-    explicit = os.environ.get("PDM_JAX_CLOUD_TPU", "")
-    if explicit:
-        if explicit not in ("0", "1"):
-            raise ValueError(f"PDM_JAX_CLOUD_TPU={explicit!r} must be 1 or 0.")
-        return explicit == "1"
-    platforms = os.environ.get("JAX_PLATFORMS", "")
-    if platforms and "tpu" not in platforms:
-        return False
-    if not (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")):
-        return False
-    try:
-        from jax._src import hardware_utils
-
-        return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
-    except (ImportError, AttributeError) as e:
-        raise RuntimeError(
-            "TPU device files exist, but this JAX has no TPU probe (jax._src.hardware_utils) to "
-            "tell whether this is a Cloud TPU VM; set PDM_JAX_CLOUD_TPU=1 (Cloud TPU VM: start "
-            "jax.distributed, as launch/tpu.sh does) or PDM_JAX_CLOUD_TPU=0.") from e
-
-
 #### Mesh ####
 
 
@@ -144,7 +35,9 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int | None = None) -> 
 
     Args:
       shape: size of each axis; at most one entry may be -1, meaning "the remaining devices".
-      num_devices: devices to cover; default ``jax.device_count()``.
+      num_devices: devices to cover; default ``jax.device_count()``, and then the devices'
+        slices are checked too (several slices: ``data`` must be a multiple of their number,
+        see :func:`mesh_device_array`).
 
     Returns:
       The sizes, whose product is ``num_devices``.
@@ -168,11 +61,67 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int | None = None) -> 
     if math.prod(shape) != n_devices:
         raise ValueError(f"mesh.shape={shape} needs {math.prod(shape)} devices but "
                          f"{n_devices} are available.")
+    if num_devices is None:
+        _check_slices(shape, _num_slices(jax.devices()))
     return shape
+
+
+# Device kinds whose meshes jax.make_mesh builds with allow_split_physical_axes=True (0.10).
+_SPLIT_PHYSICAL_AXES_KINDS = ("TPU v5 lite", "TPU v5e")
+
+
+def _num_slices(devices: Sequence[Any]) -> int:
+    """Distinct ``slice_index`` values of the devices (1 where devices have none: CPU, GPU)."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def _check_slices(sizes: Sequence[int], num_slices: int) -> None:
+    data, fsdp = sizes
+    if num_slices > 1 and data % num_slices:
+        raise ValueError(
+            f"mesh.shape={tuple(sizes)}: the devices span {num_slices} slices (multislice), "
+            f"joined by the slow data-centre network: '{DATA_AXIS}' (={data}) must be a multiple "
+            f"of {num_slices} so that data parallelism spans the slices and each '{FSDP_AXIS}' "
+            f"group (={fsdp}) stays inside one slice.")
+
+
+def mesh_device_array(sizes: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
+    """The (data, fsdp) array of devices for a multislice job (devices of several slices).
+
+    Data parallelism spans the slices (DCN), and each slice holds ``data // num_slices`` rows
+    of whole ``fsdp`` groups laid out by ``mesh_utils.create_hybrid_device_mesh`` for its ICI
+    topology: an FSDP group never crosses a slice (maxtext's hybrid mesh, with a DCN mesh of
+    (num_slices, 1)). Row ``i`` of the result lies in slice ``i // (data // num_slices)``
+    (slices in ``slice_index`` order).
+
+    Args:
+      sizes: the concrete (data, fsdp) sizes (:func:`resolve_mesh_shape`).
+      devices: every global device; each has ``slice_index`` (TPU devices of a multislice job).
+
+    Returns:
+      A numpy object array of shape ``sizes``.
+
+    Raises:
+      ValueError: ``data`` not a multiple of the slice count, or unequal slices.
+    """
+    from jax.experimental import mesh_utils
+
+    num_slices = _num_slices(devices)
+    _check_slices(sizes, num_slices)
+    data, fsdp = sizes
+    return mesh_utils.create_hybrid_device_mesh(
+        (data // num_slices, fsdp), (num_slices, 1), devices=devices,
+        # As jax.make_mesh does within one slice: v5e meshes may split physical axes.
+        allow_split_physical_axes=devices[0].device_kind in _SPLIT_PHYSICAL_AXES_KINDS)
 
 
 def make_mesh(shape: Sequence[int] = (-1, 1)) -> Mesh:
     """A ('data', 'fsdp') device mesh over all global devices.
+
+    One slice (every CPU/GPU run, a single TPU slice): ``jax.make_mesh``, which orders the
+    devices for the ICI topology. Several TPU slices (multislice, devices with distinct
+    ``slice_index``): a hybrid mesh, data parallel across slices and the configured
+    (data, fsdp) within each (:func:`mesh_device_array`).
 
     Args:
       shape: sizes of the two axes (see :func:`resolve_mesh_shape`; -1 = the remaining devices).
@@ -181,8 +130,12 @@ def make_mesh(shape: Sequence[int] = (-1, 1)) -> Mesh:
       A jax.sharding.Mesh with Auto axis types (jit sharding propagation as usual).
     """
     sizes = resolve_mesh_shape(shape)
-    return jax.make_mesh(sizes, (DATA_AXIS, FSDP_AXIS),
-                         axis_types=(jax.sharding.AxisType.Auto,) * len(sizes))
+    axis_types = (jax.sharding.AxisType.Auto,) * len(sizes)
+    devices = jax.devices()
+    if _num_slices(devices) > 1:
+        return Mesh(mesh_device_array(sizes, devices), (DATA_AXIS, FSDP_AXIS),
+                    axis_types=axis_types)
+    return jax.make_mesh(sizes, (DATA_AXIS, FSDP_AXIS), axis_types=axis_types)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -166,7 +166,7 @@ def test_demo_recipe_sweep(capsys, tmp_path):
     assert out["failed"] == []
     (r,) = out["results"]
     assert r["recipe"] == "x0_b16_lr2e3" and r["steps"] == 4 and r["batch_size"] == 16
-    assert r["overrides"]["optim"] == {"lr": 2e-3} and r["device"] == "cpu"
+    assert r["overrides"]["optim"] == {"lr": 2e-3, "warmup_steps": 100} and r["device"] == "cpu"
     # Compiling is part of the wall time; the timed steps are the 3 after the first.
     assert r["wall_s"] >= r["compile_s"] > 0 and r["train_steps_per_s"] > 0
     assert r["loss"] == []  # loss is logged every 25 steps; the smoke run has 4

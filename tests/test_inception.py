@@ -56,7 +56,7 @@ def demo_images(n: int = NUM_IMAGES, size: int = 64) -> np.ndarray:
 @pytest.fixture(scope="module")
 def torch():
     if importlib.util.find_spec("torch") is None:
-        pytest.skip("torch is not installed (pip install -r requirements.txt on Python 3.11)")
+        pytest.skip("torch is not installed (pip install -r requirements-dev.txt on Python 3.11)")
     import torch
 
     torch.set_num_threads(2)

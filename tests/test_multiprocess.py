@@ -225,26 +225,26 @@ def recorded_initialize(monkeypatch):
 
 
 def test_plain_per_node_launch_is_read_from_the_environment(recorded_initialize, monkeypatch):
-    from pdm_jax import sharding
+    from pdm_jax import distributed
 
-    sharding.maybe_initialize_distributed()
+    distributed.maybe_initialize_distributed()
     assert recorded_initialize == []  # a single process stays as it is
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "node0:12355")
     monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
     monkeypatch.setenv("JAX_PROCESS_ID", "3")
-    sharding.maybe_initialize_distributed()
+    distributed.maybe_initialize_distributed()
     # JAX reads the address itself; the count and index come from the variables.
     assert recorded_initialize == [dict(coordinator_address=None, num_processes=4,
                                         process_id=3)]
-    sharding.maybe_initialize_distributed("10.0.0.1:1234", 2, 0)  # flags win
+    distributed.maybe_initialize_distributed("10.0.0.1:1234", 2, 0)  # flags win
     assert recorded_initialize[-1] == dict(coordinator_address="10.0.0.1:1234",
                                            num_processes=2, process_id=0)
 
 
 def test_bad_process_count_in_the_environment_is_named(recorded_initialize, monkeypatch):
-    from pdm_jax import sharding
+    from pdm_jax import distributed
 
     monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
     with pytest.raises(ValueError, match=r"JAX_NUM_PROCESSES='two' must be a non-negative"):
-        sharding.maybe_initialize_distributed()
+        distributed.maybe_initialize_distributed()
     assert recorded_initialize == []

@@ -334,18 +334,8 @@ def test_kill_in_the_save_window_sigterm_and_a_second_trainer(tmp_path, trained_
     assert "resumed from step" in stopped and "Stop requested" in stopped
 
     soak.run_to_end(command, env, log)
-    mesh = sharding.make_mesh(trained_run.config.mesh.shape)
-    for setup in state_lib.setup_experts(trained_run.config, mesh):
-        states = []
-        for run_dir in (trained_run.workdir, workdir):
-            with checkpointing.Checkpointer(
-                    checkpointing.expert_checkpoint_dir(str(run_dir), setup.name),
-                    signature=setup.signature) as ckpt:
-                states.append(host_leaves(ckpt.restore(setup.abstract)[0]))
-        reference, got = states
-        assert got.keys() == reference.keys() and int(got["step"]) == TRAINED_STEPS
-        for key, value in reference.items():
-            np.testing.assert_array_equal(got[key], value, err_msg=f"{setup.name}/{key}")
+    same = soak.compare(trained_run.workdir, workdir)  # every tensor of both experts' states
+    assert same["bitwise_equal"] and same["tensors_compared"] > 500, same
     rows = loss_rows(workdir)  # every line parses
     losses = {r["step"]: r["loss"] for r in rows}
     assert sorted(r["step"] for r in rows) == list(range(1, TRAINED_STEPS + 1))  # each once

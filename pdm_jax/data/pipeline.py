@@ -97,10 +97,68 @@ def hide_accelerators_from_tensorflow() -> None:
                                f"using TensorFlow.") from e
 
 
+def _refuse_to_prepare_on_every_process(opts: _Options,
+                                        builder: tfds.core.DatasetBuilder) -> None:
+    """Raises when several JAX processes would each prepare the (unprepared) dataset.
+
+    Every process would download and prepare its own copy (ImageNet once per TPU worker, on
+    its boot disk); only the demo, which renders in seconds, is built on first use there.
+    """
+    import jax  # the backend is up by now (validation counted the devices)
+
+    if opts.name.split("/")[0].split(":")[0] == DEMO_NAME or jax.process_count() == 1:
+        return
+    manual = (" and data.manual_dir" if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+              else "")
+    raise FileNotFoundError(
+        f"Dataset {opts.name!r} is not prepared in {builder.data_dir}, and this run has "
+        f"{jax.process_count()} processes, each of which would prepare it on its own. Prepare "
+        f"it once first: python -m pdm_jax.main --mode=prepare_data (or launch/tpu.sh "
+        f"prepare_data) with the same config and a data.data_dir every process reads (e.g. "
+        f"--config.data.data_dir=gs://BUCKET/tensorflow_datasets{manual}), then train with "
+        f"that data.data_dir.")
+
+
+def _download_and_prepare(opts: _Options, builder: tfds.core.DatasetBuilder) -> None:
+    # The demo renders offline in seconds; other datasets download or read manual_dir here.
+    logging.info("Preparing %s in %s.", opts.name, builder.data_dir)
+    config = tfds.download.DownloadConfig(manual_dir=opts.manual_dir)
+    builder.download_and_prepare(download_config=config)
+
+
+def prepare(data_config: Any) -> str:
+    """Prepares the data section's tfds dataset once (``--mode=prepare_data``).
+
+    Args:
+      data_config: the data config (see ``make_train_dataset``); a tfds name, with
+        ``data_dir`` (where to write: a gs:// path every worker of a later run reads; None/""
+        = TFDS_DATA_DIR or ~/tensorflow_datasets) and ``manual_dir`` if the dataset needs a
+        manual download.
+
+    Returns:
+      The prepared dataset's directory (``builder.data_dir``).
+
+    Raises:
+      ValueError / FileNotFoundError: a folder dataset (nothing to prepare), an unknown name,
+        or missing manual-download files.
+    """
+    opts = _options(data_config)
+    if opts.name == FOLDER_NAME:
+        raise ValueError(f"data.name='folder' reads image files from data.folder="
+                         f"{opts.folder!r} directly: there is nothing to prepare.")
+    builder = _check_tfds_available(opts)
+    if builder.is_prepared():
+        logging.info("%s is prepared already in %s.", opts.name, builder.data_dir)
+    else:
+        _download_and_prepare(opts, builder)
+    return str(builder.data_dir)
+
+
 def _check_tfds_available(opts: _Options) -> tfds.core.DatasetBuilder:
     builder = _tfds_builder(opts)
     if builder.is_prepared():
         return builder
+    _refuse_to_prepare_on_every_process(opts, builder)
     if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
         needed = MANUAL_FILES.get(opts.name.split("/")[0].split(":")[0], ())
         hint = (f"pass --config.data.manual_dir=DIR holding the manual download"
@@ -168,10 +226,8 @@ def _tfds_builder(opts: _Options) -> tfds.core.DatasetBuilder:
 def _tfds_source(opts: _Options, process_index: int, process_count: int) -> _Source:
     builder = _tfds_builder(opts)
     if not builder.is_prepared():
-        # The demo renders offline in seconds; other datasets download or read manual_dir here.
-        logging.info("Preparing %s in %s.", opts.name, builder.data_dir)
-        config = tfds.download.DownloadConfig(manual_dir=opts.manual_dir)
-        builder.download_and_prepare(download_config=config)
+        _refuse_to_prepare_on_every_process(opts, builder)
+        _download_and_prepare(opts, builder)
     split = opts.split
     if process_count > 1:
         # Each process reads only its own files; equal sizes so every process has equal epochs.

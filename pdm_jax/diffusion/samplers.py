@@ -44,13 +44,14 @@ def dynamic_threshold(x0: jnp.ndarray, quantile: float = 0.995) -> jnp.ndarray:
 
     Args:
       x0: (B, ...) x0 prediction.
-      quantile: the quantile of |x0| (linear interpolation between order statistics).
+      quantile: the quantile of |x0|, nearest-rank as in both official ports (numpy's
+        'nearest' method), not linearly interpolated.
 
     Returns:
       The thresholded x0, same shape.
     """
     flat = jnp.abs(x0.reshape(x0.shape[0], -1))
-    s = jnp.maximum(jnp.quantile(flat, quantile, axis=1), 1.0)
+    s = jnp.maximum(jnp.quantile(flat, quantile, axis=1, method="nearest"), 1.0)
     s = s.reshape((-1,) + (1,) * (x0.ndim - 1))
     return jnp.clip(x0, -s, s) / s
 

@@ -31,16 +31,16 @@ def make_feature_fn(extractor: Any, mesh: Mesh) -> FeatureFn:
 
     Returns:
       The function. ``images`` are uint8 NHWC in [0, 255], or floats in [-1, 1] (sampler
-      output), which are rounded to uint8 first exactly as saved samples are (ADM's convention),
-      so in-memory and on-disk samples give the same features.
+      output), which become uint8 first exactly as saved samples do (``io.to_uint8``: ADM's
+      truncation), so in-memory and on-disk samples give the same features.
     """
     params = jax.device_put(extractor.params, sharding.replicated(mesh))
     batch = sharding.batch_sharding(mesh)
 
     def features(params, images):
         if images.dtype != jnp.uint8:
-            images = jnp.clip(jnp.round((images.astype(jnp.float32) + 1.0) * 127.5), 0, 255)
-            images = images.astype(jnp.uint8)
+            images = jnp.clip((images.astype(jnp.float32) + 1.0) * 127.5, 0, 255)
+            images = images.astype(jnp.uint8)  # truncates, as io.to_uint8
         return extractor.apply(params, images)
 
     fn = jax.jit(features, out_shardings=batch)

@@ -113,7 +113,7 @@ def _check_images(images: Any) -> None:
         raise ValueError(f"Inception input must be (N, H, W, 3) images, got shape {shape}.")
     if dtype != np.uint8:
         raise ValueError(f"Inception input must be uint8 in [0, 255] (as ADM's .npz arr_0), got "
-                         f"{dtype}; convert with pdm_jax.metrics.to_uint8.")
+                         f"{dtype}; convert with pdm_jax.io.to_uint8.")
 
 
 # ---------------------------------------------------------------- feature extractor

@@ -87,7 +87,7 @@ def _import_torch():
         import torch
     except ImportError as e:
         raise ImportError("Converting Inception weights needs torch (CPU is enough): "
-                          "pip install -r requirements.txt.") from e
+                          "pip install -r requirements-dev.txt.") from e
     return torch
 
 

@@ -60,7 +60,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
         for batch in pipeline.iterate_numpy(ds):
             if remaining <= 0:
                 return
-            images = io_lib.to_uint8(batch["image"][:remaining])  # exact: x = u / 127.5 - 1
+            images = io_lib.data_to_uint8(batch["image"][:remaining])
             remaining -= len(images)
             yield images
 

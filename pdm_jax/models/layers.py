@@ -126,8 +126,12 @@ class ResBlock(nnx.Module):
                            if class_dim is not None else None)
         self.skip = conv1x1(in_ch, out_ch, rngs=rngs, dtype=dtype) if in_ch != out_ch else None
         self.dropout = dropout
+        self.in_ch, self.out_ch = in_ch, out_ch
 
     def __call__(self, x, emb, class_emb, dropout_rng=None):
+        b, hgt, wid, c = x.shape
+        assert c == self.in_ch, (x.shape, self.in_ch)
+        assert emb.shape[0] == b and (class_emb is None) == (self.class_proj is None)
         h = self.in_conv(jax.nn.silu(self.in_norm(x)))
         scale, shift = jnp.split(self.emb_proj(emb)[:, None, None, :], 2, axis=-1)
         h = self.out_norm(h) * (1 + scale) + shift
@@ -141,6 +145,7 @@ class ResBlock(nnx.Module):
             gate = jax.nn.sigmoid(self.class_proj(class_emb).astype(jnp.float32) + 2.0)
             h = h * gate[:, None, None, :].astype(h.dtype)
         skip = self.skip(x) if self.skip is not None else x
+        assert h.shape == skip.shape == (b, hgt, wid, self.out_ch), (h.shape, skip.shape)
         return skip + h
 
 
@@ -168,6 +173,7 @@ class Attention(nnx.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         # dot_product_attention computes the softmax in float32 whatever the input dtype.
         out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(self.head_channels))
+        assert out.shape == (b, hgt * wid, self.num_heads, self.head_channels), out.shape
         out = self.proj_out(out.reshape(b, hgt, wid, c).astype(x.dtype))
         return x + out
 
@@ -179,7 +185,10 @@ class Downsample(nnx.Module):
         self.conv = conv3x3(in_ch, out_ch, rngs=rngs, dtype=dtype, stride=2)
 
     def __call__(self, x):
-        return self.conv(x)
+        b, hgt, wid, _ = x.shape
+        out = self.conv(x)
+        assert out.shape[:3] == (b, (hgt + 1) // 2, (wid + 1) // 2), (x.shape, out.shape)
+        return out
 
 
 class Upsample(nnx.Module):
@@ -189,5 +198,7 @@ class Upsample(nnx.Module):
         self.conv = conv3x3(in_ch, out_ch, rngs=rngs, dtype=dtype)
 
     def __call__(self, x):
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return self.conv(x)
+        b, hgt, wid, _ = x.shape
+        out = self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+        assert out.shape[:3] == (b, 2 * hgt, 2 * wid), (x.shape, out.shape)
+        return out

@@ -195,7 +195,9 @@ class UNet(nnx.Module):
                                          dtype=jnp.float32)
         self.label_emb = (nnx.Embed(cfg.num_classes + 1, c0, rngs=rngs)
                           if cfg.num_classes else None)
-        self.input_conv = layers.conv3x3(patched_in, c0, rngs=rngs, dtype=dtype)
+        # The first conv and both output convs run in float32 whatever the compute dtype, as in
+        # both official ports (SPEC 7): the x0 head's output is weighted up to ~100x at low t.
+        self.input_conv = layers.conv3x3(patched_in, c0, rngs=rngs, dtype=jnp.float32)
 
         input_blocks, skip_widths, ch = [], [c0], c0
         for level, (width, res) in enumerate(zip(widths, cfg.level_resolutions)):
@@ -231,11 +233,12 @@ class UNet(nnx.Module):
         self.output_blocks = nnx.List(output_blocks)
 
         self.out_norm = layers.GroupNorm(ch, num_groups=cfg.num_groups, eps=cfg.norm_eps)
-        self.out_conv = layers.conv3x3(ch, patched_in, rngs=rngs, dtype=dtype, zero_init=True)
+        self.out_conv = layers.conv3x3(ch, patched_in, rngs=rngs, dtype=jnp.float32,
+                                       zero_init=True)
         if cfg.learn_sigma:
             self.var_time_proj = layers.dense(ted, 2 * c0, rngs=rngs, dtype=dtype)
             self.var_conv_1 = layers.conv3x3(2 * c0, c0, rngs=rngs, dtype=dtype)
-            self.var_conv_2 = layers.conv3x3(c0, patched_in, rngs=rngs, dtype=dtype)
+            self.var_conv_2 = layers.conv3x3(c0, patched_in, rngs=rngs, dtype=jnp.float32)
 
     def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *,
                  dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
@@ -267,8 +270,7 @@ class UNet(nnx.Module):
         emb = jax.nn.silu(self.time_mlp_out(emb))
         class_emb = self.label_emb(y).astype(jnp.float32) if self.label_emb is not None else None
 
-        h = patchify(x, p).astype(dtype)
-        h = self.input_conv(h)
+        h = self.input_conv(patchify(x, p).astype(jnp.float32)).astype(dtype)
         h = h + layers.position_embedding_2d(cfg.patched_size, h.shape[-1]).astype(h.dtype)
         first_features = h
         run = _call_stage_remat if cfg.remat else _call_stage
