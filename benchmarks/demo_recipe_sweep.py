@@ -109,6 +109,8 @@ def recipe_config(name: str, smoke: bool):
     for section, overrides in recipe.items():
         if smoke and section in ("model", "data"):  # the smoke size keeps its 16x16 U-Net
             overrides = {k: v for k, v in overrides.items() if k == "learn_sigma"}
+        if smoke and section == "optim":  # and its 2-step warmup (4 steps are all it runs)
+            overrides = {k: v for k, v in overrides.items() if k != "warmup_steps"}
         config[section].update(overrides)
     if smoke:  # A micro U-Net that compiles in seconds: the smoke run checks the plumbing only.
         config.model.update(model_channels=16, channel_mult=(1,), attention_resolutions=(),
