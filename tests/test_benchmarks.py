@@ -178,7 +178,7 @@ def test_demo_recipe_sweep(capsys, tmp_path):
         assert grid.shape == (side, side, 3)
         assert (grid[:2] == 255).all() and (grid[:, 18:20] == 255).all()
         tile = grid[2:18, 2:18]
-        assert tile.std() > 0  # a sample, not the white background
+        assert (tile != 255).any()  # a sample (near-untrained: x0 ~ 0, grey), not the padding
     # The contact sheet: a 110-px label column and 14-px header, each grid in a 4-px margin.
     sheet = Image.open(tmp_path / "contact_sheet.png")
     assert sheet.size == (110 + 2 * (side + 4), 14 + (side + 4))
