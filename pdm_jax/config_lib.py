@@ -312,17 +312,17 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train",
         # Only the data section matters (the job may run on a CPU host, whatever the mesh).
         import jax
 
-        from pdm_jax.data import pipeline
+        from pdm_jax.data import datasets
         if jax.process_count() > 1:
             raise ValueError(
                 f"--mode=prepare_data runs as ONE process ({jax.process_count()} were started): "
                 f"run it on one host (launch/tpu.sh prepare_data uses worker 0 with JAX on "
                 f"the CPU), then train with the same data.data_dir.")
-        if config.data.name == pipeline.FOLDER_NAME:
+        if config.data.name == datasets.FOLDER_NAME:
             raise ValueError(f"--mode=prepare_data prepares tfds datasets; data.name='folder' "
                              f"reads data.folder={config.data.folder!r} directly (nothing to "
                              f"prepare).")
-        pipeline.check_available(config.data)
+        datasets.check_available(config.data)
         return
     experts = experts_lib.experts_from_config(config)
     for expert in experts:
@@ -395,11 +395,11 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train",
         _check_analysis(config)
 
     if mode in ("train", "ref_stats", "analyze"):
-        from pdm_jax.data import pipeline
+        from pdm_jax.data import datasets
         data = config.data
         if mode == "analyze":  # reads images only (jobs/analyze.py drops the labels)
             data = dict(data.to_dict(), class_conditional=False)
-        data_classes = pipeline.check_available(data)
+        data_classes = datasets.check_available(data)
         if mode == "train" and config.data.class_conditional and data_classes > model.num_classes:
             # Labels >= num_classes would be the null label or embed as NaN.
             raise ValueError(f"data {config.data.name!r} has {data_classes} classes but "

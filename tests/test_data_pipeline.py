@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from pdm_jax.data import emoji_demo, folders, pipeline
+from pdm_jax.data import datasets, emoji_demo, folders, pipeline
 
 
 def _take(ds, n):
@@ -71,7 +71,7 @@ def test_mock_imagenet_batches_have_shape_dtype_range_and_sorted_synset_labels()
     with tfds.testing.mock_data(num_examples=12):
         batches = _take(pipeline.make_train_dataset(
             config, global_batch_size=8, seed=0, process_index=0, process_count=1), 3)
-        names = pipeline.class_names(config)
+        names = datasets.class_names(config)
     for k, b in enumerate(batches):
         assert b.keys() == {"image", "label", "index"}
         assert b["image"].shape == (8, 16, 16, 3) and b["image"].dtype == np.float32
@@ -81,7 +81,7 @@ def test_mock_imagenet_batches_have_shape_dtype_range_and_sorted_synset_labels()
         assert -1.0 <= b["image"].min() and b["image"].max() <= 1.0
         assert b["image"].std() > 0.1  # Mock images are noise, not a constant fill.
         assert ((0 <= b["label"]) & (b["label"] < 1000)).all()
-    assert pipeline.num_classes(config) == 1000
+    assert datasets.num_classes(config) == 1000
     assert names[0] == "n01440764" and names == sorted(names)  # SPEC 7: sorted synset ids.
 
 
@@ -91,9 +91,9 @@ def test_mock_lsun_is_unconditional_with_zero_labels():
         (b,) = _take(pipeline.make_train_dataset(
             config, global_batch_size=4, seed=1, process_index=0, process_count=1), 1)
     assert b["image"].shape == (4, 12, 12, 3) and (b["label"] == 0).all()
-    assert pipeline.num_classes(config) == 0 and pipeline.class_names(config) == []
+    assert datasets.num_classes(config) == 0 and datasets.class_names(config) == []
     with pytest.raises(ValueError, match="lsun/church_outdoor"):
-        pipeline.num_classes(dict(config, class_conditional=True))
+        datasets.num_classes(dict(config, class_conditional=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,9 +122,9 @@ def test_image_folder_skips_bad_files_and_labels_by_sorted_folder_name(tmp_path,
 
     config = dict(name="folder", folder=str(tmp_path), image_size=16, shuffle_buffer=10,
                   random_flip=True, class_conditional=True)
-    assert pipeline.class_names(config) == ["a_red", "b_blue"]
-    assert pipeline.check_available(config) == 2 and pipeline.dataset_size(config) == 6
-    assert pipeline.check_available(dict(config, class_conditional=False)) == 0
+    assert datasets.class_names(config) == ["a_red", "b_blue"]
+    assert datasets.check_available(config) == 2 and datasets.dataset_size(config) == 6
+    assert datasets.check_available(dict(config, class_conditional=False)) == 0
     batches = _take(pipeline.make_train_dataset(
         config, global_batch_size=6, seed=0, process_index=0, process_count=1), 4)
     for b in batches:
@@ -311,14 +311,14 @@ def test_check_available_names_what_a_manual_download_dataset_needs(tmp_path):
             r"--config.data.data_dir=DIR where it is prepared already\.$")
     with pytest.raises(FileNotFoundError, match=r"^Dataset 'imagenet2012' is not prepared in "
                                                 r".*tfds.* needs a manual download: " + hint):
-        pipeline.check_available(config)
+        datasets.check_available(config)
     missing_dir = str(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match=rf"^data.manual_dir='{missing_dir}' is not a "
                                                 rf"directory; " + hint):
-        pipeline.check_available(dict(config, manual_dir=missing_dir))
+        datasets.check_available(dict(config, manual_dir=missing_dir))
     (tmp_path / "ILSVRC2012_img_val.tar").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r"lacks \['ILSVRC2012_img_train.tar'\] that "
                                                 r"'imagenet2012' needs"):
-        pipeline.check_available(dict(config, manual_dir=str(tmp_path)))
+        datasets.check_available(dict(config, manual_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="Unknown dataset name 'no_such_dataset_xyz'"):
-        pipeline.check_available(dict(name="no_such_dataset_xyz", image_size=8))
+        datasets.check_available(dict(name="no_such_dataset_xyz", image_size=8))

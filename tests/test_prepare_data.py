@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 
 from conftest import REPO, demo_config
 from pdm_jax import config_lib
-from pdm_jax.data import pipeline
+from pdm_jax.data import datasets, pipeline
 from pdm_jax.jobs import prepare_data
 
 
@@ -68,7 +68,7 @@ def test_multi_process_training_refuses_to_prepare_a_large_dataset(tmp_path, mon
                r"pdm_jax.main --mode=prepare_data")
     with pytest.raises(FileNotFoundError, match=message):
         if check == "validation":  # config_lib.validate(config, "train") calls this
-            pipeline.check_available(data)
+            datasets.check_available(data)
         else:  # the dataset's own preparation path, for callers that skip validation
             pipeline.make_train_dataset(data, global_batch_size=2, seed=0, process_index=0,
                                         process_count=2)
@@ -79,14 +79,14 @@ def test_manual_download_datasets_are_refused_naming_manual_dir(tmp_path, monkey
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     with pytest.raises(FileNotFoundError, match=r"data.data_dir every process reads .* and "
                                                 r"data.manual_dir\)"):
-        pipeline.check_available(dict(name="imagenet2012", image_size=8,
+        datasets.check_available(dict(name="imagenet2012", image_size=8,
                                       data_dir=str(tmp_path / "tfds")))
 
 
 def test_the_demo_is_still_built_on_first_use_by_several_processes(tmp_path, monkeypatch):
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     data_dir = str(tmp_path / "tfds")
-    assert pipeline.check_available(dict(name="pdm_emoji_demo", image_size=64,
+    assert datasets.check_available(dict(name="pdm_emoji_demo", image_size=64,
                                          data_dir=data_dir, class_conditional=True)) == 8
     assert not tfds.builder("pdm_emoji_demo", data_dir=data_dir).is_prepared()
 

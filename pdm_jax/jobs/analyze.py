@@ -19,7 +19,7 @@ from absl import logging
 
 from pdm_jax import config_lib, io as io_lib
 from pdm_jax.analysis import blur
-from pdm_jax.data import pipeline
+from pdm_jax.data import datasets, pipeline
 from pdm_jax.diffusion import schedules
 
 OUTPUT_NAME = "optimal_denoiser_blur"
@@ -78,7 +78,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     patch_sizes = [int(p) for p in a.patch_sizes]
     table = blur.blur_table(data, queries, schedule, timesteps, patch_sizes, int(a.chunk_size),
                        config.seed)
-    dataset = config.data.folder if config.data.name == pipeline.FOLDER_NAME else config.data.name
+    dataset = config.data.folder if config.data.name == datasets.FOLDER_NAME else config.data.name
     result = {"dataset": dataset, "image_size": int(config.data.image_size),
               "num_data": len(data), "num_queries": len(queries),
               "held_out_queries": held_out, "schedule": d.schedule,

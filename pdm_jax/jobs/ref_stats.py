@@ -18,7 +18,7 @@ import numpy as np
 from absl import logging
 
 from pdm_jax import config_lib, io as io_lib, sharding
-from pdm_jax.data import pipeline
+from pdm_jax.data import datasets, pipeline
 from pdm_jax.evaluation import features, inception, metrics, npz_stats
 
 # Reference images kept in a written reference file (ADM's ImageNet batches hold 10k), unless
@@ -29,7 +29,7 @@ MAX_REF_IMAGE_BYTES = 4 << 30
 def ref_stats_path(config: ml_collections.ConfigDict, workdir: str) -> str:
     """``WORKDIR/ref_stats/<dataset>_<image size>.npz``."""
     name = config.data.name.replace("/", "_").replace(":", "_")
-    if config.data.name == pipeline.FOLDER_NAME:
+    if config.data.name == datasets.FOLDER_NAME:
         name = f"folder_{os.path.basename(os.path.normpath(config.data.folder))}"
     return f"{workdir}/ref_stats/{name}_{config.data.image_size}.npz"
 
@@ -43,7 +43,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
     ds = pipeline.make_train_dataset(data_config, global_batch_size=e.batch_size,
                                      seed=config.seed, process_index=jax.process_index(),
                                      process_count=process_count)
-    size = pipeline.dataset_size(config.data)
+    size = datasets.dataset_size(config.data)
     # Each process's stream starts with one pass over its size // process_count records.
     per_process = min(size // process_count, math.ceil(e.num_samples / process_count))
     if per_process * process_count < 2:
