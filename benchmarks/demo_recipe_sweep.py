@@ -37,9 +37,11 @@ sys.path.insert(0, str(REPO))
 # shipped defaults become. "demo" is the shipped recipe; "two_expert_x0" the one it replaced.
 # The 64x64 demo U-Net the first two rounds were measured with (configs/demo.py until
 # 2026-12-02); every recipe states its architecture in full.
+# Rounds 1 and 2 trained on the full demo set (8 classes; dump it with
+# --dump_name=pdm_emoji_demo), round 3 on the curated subset (6 classes) the demo uses now.
 _DEMO64 = dict(image_size=64, patch_size=4, model_channels=64, channel_mult=(1, 2, 2),
                num_res_blocks=1, attention_resolutions=(8, 4), num_head_channels=64,
-               num_groups=32)
+               num_groups=32, num_classes=8)
 
 
 def _recipe(experts=1, param="x0", weighting="sqrt_snr", lr=1e-3, batch=32, learn_sigma=False,
@@ -51,8 +53,8 @@ def _recipe(experts=1, param="x0", weighting="sqrt_snr", lr=1e-3, batch=32, lear
                 diffusion=dict(parameterization=param, weighting=weighting))
 
 
-# Third round (2-core CPU, 10-minute budget): smaller images and token grids.
-_D32 = dict(image_size=32, channel_mult=(1, 2, 2))
+# Third round (2-core CPU, 10-minute budget): smaller images and token grids, curated data.
+_D32 = dict(image_size=32, channel_mult=(1, 2, 2), num_classes=6)
 
 
 # Images in each snapshot grid (one sampling batch).
@@ -130,11 +132,12 @@ def recipe_config(name: str, smoke: bool):
     return config
 
 
-def dump_data(path: str, image_size: int) -> None:
-    """Writes every demo image once (uint8 NHWC, int32 labels) through the data pipeline."""
+def dump_data(path: str, image_size: int, name: str) -> None:
+    """Writes every image of a demo set once (uint8 NHWC, int32 labels) through the pipeline."""
     import hashlib
     from pdm_jax.data import pipeline
-    data = dict(demo_config().data.to_dict(), random_flip=False, image_size=image_size)
+    data = dict(demo_config().data.to_dict(), random_flip=False, image_size=image_size,
+                **({"name": name} if name else {}))
     # stdout carries the JSON only: tfds prints "Downloading and preparing dataset ..." there
     # when it builds the demo set on first use.
     with contextlib.redirect_stdout(sys.stderr):
@@ -252,6 +255,8 @@ def contact_sheet(results: list[dict], path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dump_data", default="", help="write the demo images to this .npz")
+    parser.add_argument("--dump_name", default="",
+                        help="data.name to dump (default: configs/demo.py's, the curated set)")
     parser.add_argument("--data", default="", help=".npz from --dump_data")
     parser.add_argument("--out", default="/tmp/demo_recipe_sweep")
     parser.add_argument("--recipes", default=",".join(RECIPES))
@@ -268,7 +273,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.dump_data:
-        dump_data(args.dump_data, 64)
+        dump_data(args.dump_data, 64, args.dump_name)
         return
     if args.smoke:
         args.steps, args.snapshots, args.grid_steps = 4, "2,4", "3"

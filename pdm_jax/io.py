@@ -104,8 +104,9 @@ def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> 
     return grid
 
 
-def png_bytes(image: np.ndarray, min_size: int = 256) -> bytes:
-    """PNG encoding of a uint8 HWC image, upscaled (nearest) so its long side is >= min_size."""
+def png_bytes(image: np.ndarray, min_size: int = 512) -> bytes:
+    """PNG encoding of a uint8 HWC image, upscaled (nearest) by the whole factor
+    ``min_size // long side`` when that is above 1 (a grid of 32 px samples stays legible)."""
     scale = max(1, min_size // max(image.shape[:2]))
     pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
     if scale > 1:
@@ -115,6 +116,6 @@ def png_bytes(image: np.ndarray, min_size: int = 256) -> bytes:
     return buffer.getvalue()
 
 
-def save_png(path: PathLike, image: np.ndarray, min_size: int = 256) -> None:
+def save_png(path: PathLike, image: np.ndarray, min_size: int = 512) -> None:
     """Writes a uint8 HWC image as PNG (see :func:`png_bytes`), atomically."""
     write_atomic(path, png_bytes(image, min_size))

@@ -75,6 +75,20 @@ def make_sample_fn(config: ml_collections.ConfigDict, mesh: Mesh, *, steps: str,
                                                   jax.device_put(labels, batch))
 
 
+def grid_columns(num: int, num_classes: int) -> int | None:
+    """Grid columns that give each class its own column for balanced labels (i mod classes).
+
+    Args:
+      num: images in the grid.
+      num_classes: the model's classes (0: unconditional).
+
+    Returns:
+      ``num_classes`` when that many columns hold a class each (2 to 16 classes, at least one
+      full row); None (a square grid) otherwise.
+    """
+    return num_classes if 2 <= num_classes <= min(num, 16) else None
+
+
 def balanced_labels(start: int, count: int, num_classes: int) -> np.ndarray:
     """Labels i mod num_classes for sample indices start..start+count-1 (0 if unconditional)."""
     if num_classes <= 0:

@@ -284,6 +284,30 @@ def test_demo_builder_renders_all_distinct_colourful_emoji(demo_dir):
     assert emoji_demo.emoji_class(0x1F34E) == emoji_demo.CLASS_NAMES.index("food_drink")
 
 
+def test_curated_demo_is_the_six_lookalike_groups_of_the_same_renders(demo_dir):
+    """The quick start's subset: every image is the full set's render of the same codepoint,
+    labelled by its group, and each group is the codepoints its ranges name."""
+    full = {int(e["codepoint"]): e["image"] for e in tfds.builder(
+        "pdm_emoji_demo", data_dir=demo_dir).as_dataset(split="train").as_numpy_iterator()}
+    builder = tfds.builder("pdm_emoji_demo/curated", data_dir=demo_dir)
+    if not builder.is_prepared():
+        builder.download_and_prepare()
+    assert builder.info.features["label"].names == list(emoji_demo.CURATED_CLASS_NAMES)
+    examples = list(builder.as_dataset(split="train").as_numpy_iterator())
+    codepoints = [int(e["codepoint"]) for e in examples]
+    labels = np.array([e["label"] for e in examples])
+    assert len(examples) == 227 and len(set(codepoints)) == 227
+    for e in examples:
+        np.testing.assert_array_equal(e["image"], full[int(e["codepoint"])])
+        assert e["label"] == emoji_demo.curated_class(int(e["codepoint"]))
+    assert set(codepoints) == {cp for cp in full if emoji_demo.curated_class(cp) is not None}
+    names = emoji_demo.CURATED_CLASS_NAMES
+    assert np.bincount(labels, minlength=len(names)).tolist() == [122, 22, 27, 24, 13, 19]
+    assert labels[codepoints.index(0x1F600)] == names.index("faces")
+    assert labels[codepoints.index(0x1F551)] == names.index("clocks")
+    assert emoji_demo.curated_class(0x1F645) is None  # a gesturing person, not a face
+
+
 # ---------------------------------------------------------------------------------------------
 # (g) Bad arguments.
 

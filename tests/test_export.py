@@ -73,7 +73,7 @@ def test_export_layout_model_json_and_card(run):
         ["README.md", "model.json"] + [f"{e}.ema.safetensors" for e in EXPERTS])
     assert not [p for p in os.listdir(run.root) if ".tmp-" in p or ".old-" in p]
     meta = json.loads((run.fp32 / "model.json").read_text())
-    assert meta["step"] == STEP and meta["dtype"] == "float32" and meta["num_classes"] == 8
+    assert meta["step"] == STEP and meta["dtype"] == "float32" and meta["num_classes"] == 6
     assert meta["config_hash"] == export_format.config_hash(run.config)
     assert [(e["name"], e["snr_interval"], e["model"]["patch_size"], e["step"])
             for e in meta["experts"]] == [(EXPERTS[0], [0.25, float("inf")], 2, STEP),
@@ -161,13 +161,13 @@ def test_sample_export_command_writes_grid_and_npz(run, fresh_process):
         np.testing.assert_array_equal(data["arr_0"], run.images[:3])  # same seed and batch
         np.testing.assert_array_equal(data["arr_1"], [0, 1, 2])
     with Image.open(fresh_process / "grid.png") as png:
-        # 3 images tile 2x2 cells of 16 px + 2 px padding (38 px), upscaled 6x to reach 256 px.
-        assert png.format == "PNG" and png.size == (6 * 38, 6 * 38)
+        # 3 images tile 2x2 cells of 16 px + 2 px padding (38 px), upscaled 13x (512 // 38).
+        assert png.format == "PNG" and png.size == (13 * 38, 13 * 38)
 
 
 def test_pipeline_validates_arguments_before_compiling(run):
     pipeline = Pipeline.load(str(run.bf16))
-    assert pipeline.step == STEP and pipeline.num_classes == 8
+    assert pipeline.step == STEP and pipeline.num_classes == 6
     assert pipeline.image_size == 16
     for kwargs, message in (
             (dict(num=0), "num must be a positive int"),

@@ -101,5 +101,5 @@ def test_main_mode_prepare_data(tmp_path):
          f"--config.data.data_dir={tmp_path / 'tfds'}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert tfds.builder("pdm_emoji_demo", data_dir=str(tmp_path / "tfds")).is_prepared()
+    assert tfds.builder("pdm_emoji_demo/curated", data_dir=str(tmp_path / "tfds")).is_prepared()
     assert "is prepared in" in result.stderr

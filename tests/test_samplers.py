@@ -343,3 +343,15 @@ def test_every_parameterization_samples_like_x0_given_the_same_exact_model(param
         return np.asarray(jax.jit(fn)(key(5)))
 
     np.testing.assert_allclose(run(parameterization), run("x0"), atol=2e-4)
+
+
+def test_grid_columns_give_each_class_a_column():
+    from pdm_jax import sampling
+    labels = sampling.balanced_labels(0, 40, 6)
+    columns = sampling.grid_columns(40, 6)
+    assert columns == 6 and all(labels[i] == i % columns for i in range(40))
+    assert sampling.grid_columns(16, 8) == 8
+    # Square grids where a column per class cannot work: unconditional, one class, fewer images
+    # than classes, or too many classes for a readable row.
+    assert [sampling.grid_columns(n, k) for n, k in [(16, 0), (16, 1), (4, 8), (64, 1000)]] == [
+        None] * 4

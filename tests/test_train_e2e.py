@@ -271,14 +271,15 @@ def test_sample_writes_npz_with_balanced_labels_and_a_png_grid(trained_run):
     with np.load(path) as npz:
         images, labels = npz["arr_0"], npz["arr_1"]
     assert images.dtype == np.uint8 and images.shape == (20, 16, 16, 3)
-    np.testing.assert_array_equal(labels, np.arange(20) % 8)
-    # The PNG tiles the same images: 5 columns x 4 rows of 16 px with 2 px padding, upscaled 2x
-    # (nearest) to reach 256 px per side at least.
+    np.testing.assert_array_equal(labels, np.arange(20) % 6)
+    # The PNG tiles the same images a class per column: 6 columns x 4 rows of 16 px with 2 px
+    # padding, upscaled 4x (nearest): 512 // 110.
     with Image.open(trained_run.workdir / "samples" / "e2e.png") as png:
-        assert png.format == "PNG" and png.size == (2 * (5 * 18 + 2), 2 * (4 * 18 + 2))
-        grid = np.asarray(png.convert("RGB"))[::2, ::2]
+        assert png.format == "PNG" and png.size == (4 * (6 * 18 + 2), 4 * (4 * 18 + 2))
+        grid = np.asarray(png.convert("RGB"))[::4, ::4]
     for i in (0, 7, 19):
-        row, col = divmod(i, 5)
+        row, col = divmod(i, 6)
+        assert col == labels[i]
         np.testing.assert_array_equal(
             grid[2 + 18 * row:18 + 18 * row, 2 + 18 * col:18 + 18 * col], images[i])
 

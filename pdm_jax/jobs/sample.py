@@ -40,7 +40,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
     path = f"{workdir}/samples/{sample_name(config)}.npz"
     if jax.process_index() == 0:
         io_lib.save_samples_npz(path, images, labels)
-        io_lib.save_png(path.removesuffix(".npz") + ".png", io_lib.image_grid(images[:64]))
+        io_lib.save_png(path.removesuffix(".npz") + ".png", io_lib.image_grid(
+            images[:64], sampling.grid_columns(min(64, len(images)), experts[0].model.num_classes)))
         logging.info("Wrote %d samples (%s, steps=%s, w=%g, eta=%g) to %s",
                      len(images), s.sampler, s.steps, s.guidance_scale, s.eta, path)
     return path

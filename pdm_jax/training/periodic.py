@@ -38,13 +38,14 @@ class SampleGrid:
                                            eta=0.0, guidance_scale=config.sample.guidance_scale,
                                            batch_size=size)
         self._labels = jnp.asarray(sampling.balanced_labels(0, size, num_classes))
+        self._columns = sampling.grid_columns(size, num_classes)  # a column per class
         self._workdir = workdir
 
     def __call__(self, step: int, emas: Sequence[Any], writer: metric_writers.MetricWriter):
         start = time.perf_counter()
         images = io_lib.to_uint8(multihost_utils.process_allgather(
             self._fn(list(emas), jax.random.PRNGKey(step), self._labels), tiled=True))
-        grid = io_lib.image_grid(images)
+        grid = io_lib.image_grid(images, self._columns)
         if jax.process_index() == 0:
             io_lib.save_png(f"{self._workdir}/samples/grid_step{step:08d}.png", grid)
         writer.write_images(step, {"samples": grid[None]})
