@@ -186,3 +186,36 @@ def test_demo_recipe_sweep(capsys, tmp_path):
 
 def test_demo_recipe_sweep_rejects_an_unknown_recipe():
     run_failing(["demo_recipe_sweep.py", "--smoke", "--recipes=demo,nope"], ValueError, "nope")
+
+
+#### demo_fid.py ####
+
+
+def test_demo_fid_scores_a_run_next_to_its_datas_floor(capsys, tmp_path):
+    """A workdir of random (untrained) demo-smoke weights, random Inception weights, 8 samples:
+    the JSON has both sets of metrics at the same count, and noise is farther from the data
+    than the data's other half is."""
+    from conftest import demo_config, write_random_run
+    from test_fid_metrics import random_inception_weights
+
+    from pdm_jax.data import datasets
+    from pdm_jax.evaluation import inception
+
+    config = demo_config("smoke")  # the demo images at 16x16, two experts
+    write_random_run(tmp_path / "run", config, step=2)
+    weights = str(tmp_path / "inception.safetensors")
+    inception.save_inception_weights(weights, random_inception_weights(), source="random")
+    argv = sys.argv
+    sys.argv = ["demo_fid.py", f"--workdir={tmp_path / 'run'}", f"--inception_path={weights}",
+                "--num=8", "--batch_size=8"]
+    try:
+        runpy.run_path(str(BENCHMARKS / "demo_fid.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+    out = json.loads(capsys.readouterr().out)
+    # Every image of the demo set is distinct: the whole set was read, once.
+    assert out["data_images"] == datasets.dataset_size(config.data)
+    assert out["num"] == 8 and out["steps"] == "5"
+    assert set(out["floor"]) == set(out["model"]) == {"fid", "sfid", "precision", "recall"}
+    assert 0 < out["floor"]["fid"] < out["model"]["fid"]
+    assert out["fid_over_floor"] == pytest.approx(out["model"]["fid"] / out["floor"]["fid"])

@@ -31,6 +31,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from pdm_jax import io as io_lib
+    from pdm_jax import sampling
     from pdm_jax.inference import Pipeline
 
     labels = None
@@ -52,7 +53,10 @@ def main(argv: list[str]) -> None:
         guidance_scale=pick(FLAGS.guidance_scale, s.guidance_scale),
         seed=pick(FLAGS.seed, s.seed), batch_size=FLAGS.batch_size, return_labels=True)
     if FLAGS.out:
-        io_lib.save_png(FLAGS.out, io_lib.image_grid(images))
+        # Balanced labels (i mod classes) get a column per class.
+        columns = sampling.grid_columns(len(images), pipeline.num_classes) if labels is None \
+            else None
+        io_lib.save_png(FLAGS.out, io_lib.image_grid(images, columns))
         logging.info("Wrote %s", FLAGS.out)
     if FLAGS.npz:
         io_lib.save_samples_npz(FLAGS.npz, images, used)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from jax.sharding import Mesh
 
 from pdm_jax import sampling
@@ -24,7 +25,8 @@ Scorer = Callable[[Sequence[Any]], dict[str, Any]]
 
 
 def make_scorer(config: ml_collections.ConfigDict, mesh: Mesh, *, num_samples: int, steps: str,
-                on_batch: Callable[[int], None] | None = None) -> Scorer:
+                on_batch: Callable[[int], None] | None = None,
+                labels: np.ndarray | None = None) -> Scorer:
     """Loads Inception and the reference once; returns ``score(emas) -> metrics``.
 
     ``score`` samples ``num_samples`` images with the given EMA parameters (one per expert, in
@@ -41,6 +43,9 @@ def make_scorer(config: ml_collections.ConfigDict, mesh: Mesh, *, num_samples: i
       num_samples: images per call.
       steps: respacing string of the sampler.
       on_batch: called with the number of batches done (progress reports).
+      labels: int (num_samples,) class of each sample, e.g. the reference images' own labels so
+        the samples follow the data's class frequencies; None: balanced (i mod num_classes), as
+        ``--mode=sample`` draws them.
 
     Returns:
       The scoring function; its dict is ``report.compute_metrics``' plus the sampling settings.
@@ -56,14 +61,20 @@ def make_scorer(config: ml_collections.ConfigDict, mesh: Mesh, *, num_samples: i
                                         batch_size=e.batch_size)
     feature_fn = features.make_feature_fn(extractor, mesh)
     local_cap = math.ceil(num_samples / jax.process_count())
+    if labels is not None:
+        labels = sampling.check_labels(labels, num_samples, num_classes)
+        # Padding rows of the last batch (cut before scoring) take class 0.
+        labels = np.pad(labels, (0, -num_samples % e.batch_size))
 
     def score(emas: Sequence[Any]) -> dict[str, Any]:
         stats = features.empty_stats(extractor, max_sample=local_cap)
         rng = jax.random.PRNGKey(s.seed)  # as --mode=sample: batch `start` uses fold_in(rng, start)
         t0 = time.time()
         for start in range(0, num_samples, e.batch_size):
-            labels = sampling.balanced_labels(start, e.batch_size, num_classes)
-            images = sample_fn(list(emas), jax.random.fold_in(rng, start), jnp.asarray(labels))
+            batch_labels = (sampling.balanced_labels(start, e.batch_size, num_classes)
+                            if labels is None else labels[start:start + e.batch_size])
+            images = sample_fn(list(emas), jax.random.fold_in(rng, start),
+                               jnp.asarray(batch_labels))
             stats = stats.update(features.local_rows(feature_fn(images),
                                                      limit=num_samples - start))
             if on_batch is not None:
