@@ -88,7 +88,7 @@ def test_dispatch_runs_only_the_owning_expert_and_sampling_uses_both():
     perturbed = [params[0], jax.tree.map(lambda a: a + 0.1, params[1])]
     full = Schedule.from_name("linear")
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32)
-    y = jnp.array([1, 8])
+    y = jnp.array([1, config.model.num_classes])  # a class and the null label
 
     def dispatch(p, x, t, y):
         model_fns = [lambda x, t, y, g=g, q=q: nnx.merge(g, q)(x, t, y)
@@ -106,7 +106,7 @@ def test_dispatch_runs_only_the_owning_expert_and_sampling_uses_both():
     # most of the low-noise expert's output; the guided dispatch is the same lax.switch.
     sample_fn = sampling.make_sample_fn(config, mesh, steps="10", sampler="ddim", eta=0.0,
                                         guidance_scale=1.0, batch_size=8)
-    labels = jnp.arange(8) % 8
+    labels = jnp.arange(8) % config.model.num_classes
     base = np.asarray(sample_fn(params, jax.random.PRNGKey(0), labels))
     for k in range(2):
         changed = list(params)

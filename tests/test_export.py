@@ -80,7 +80,7 @@ def test_export_layout_model_json_and_card(run):
                                           (EXPERTS[1], [0.0, 0.25], 4, STEP)]
     assert meta["config"]["diffusion"] == run.config.diffusion.to_dict()
     card = (run.fp32 / "README.md").read_text()
-    assert "`folder` at 16x16, 8 classes" in card and f"step {STEP}" in card
+    assert "`folder` at 16x16, 6 classes" in card and f"step {STEP}" in card
     assert f"| 1 `{EXPERTS[1]}` | (0, 0.25] | 4 |" in card
 
 
@@ -175,7 +175,7 @@ def test_pipeline_validates_arguments_before_compiling(run):
             (dict(num=4, steps="ddim7x"), "ddim7x"),
             (dict(num=4, batch_size=12), "batch_size=12 must be a positive multiple of the 8"),
             (dict(num=4, labels=[1, 2]), "labels must be one int or 4 ints"),
-            (dict(num=2, labels=[1, 8]), r"labels\[1\]=8 is outside \[0, 8\)")):
+            (dict(num=2, labels=[1, 6]), r"labels\[1\]=6 is outside \[0, 6\)")):
         with pytest.raises(ValueError, match=message):
             pipeline.sample(**kwargs)
     assert not pipeline._sample_fns

@@ -553,6 +553,10 @@ def test_training_scores_fid_every_n_steps_and_at_the_end(reference, tmp_path):
     final = score([state["ema"]])
     for key in ("fid", "sfid", "inception_score", "precision", "recall"):
         assert scored[3][f"eval/{key}"] == pytest.approx(final[key], rel=1e-5), key
+    # Labels for an unconditional model are refused before anything is sampled.
+    with pytest.raises(ValueError, match="unconditional"):
+        scorer.make_scorer(config, sharding.make_mesh((-1, 1)), num_samples=8, steps="3",
+                           labels=np.zeros(8, np.int32))
 
 
 def test_training_with_fid_and_no_reference_fails_before_compiling(reference, tmp_path,

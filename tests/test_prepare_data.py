@@ -29,9 +29,9 @@ def test_prepare_data_builds_the_demo_into_data_dir_once(tmp_path, caplog):
     # Only the data section is checked: a mesh this host cannot build is no obstacle.
     with config.unlocked():
         config.mesh.shape = (-1, 16)
-    assert not tfds.builder("pdm_emoji_demo", data_dir=str(data_dir)).is_prepared()
+    assert not tfds.builder(config.data.name, data_dir=str(data_dir)).is_prepared()
     path = prepare_data.run(config, str(tmp_path / "workdir"))
-    builder = tfds.builder("pdm_emoji_demo", data_dir=str(data_dir))
+    builder = tfds.builder(config.data.name, data_dir=str(data_dir))
     assert builder.is_prepared() and path == str(builder.data_dir)
     assert path.startswith(str(data_dir))
     assert not (tmp_path / "workdir").exists()  # nothing is written to the workdir

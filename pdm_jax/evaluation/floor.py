@@ -171,8 +171,9 @@ def reference_scorer(config: ml_collections.ConfigDict, mesh: Mesh, ref: Referen
 
     ``score(emas)`` samples ``ref.num`` images with the config's sample section (sampler, eta,
     guidance, seed) and respacing ``steps`` (a class-conditional model with the reference's
-    labels), and scores them against the reference written by :func:`data_floor`. Models whose sampling program is the same (same experts' U-Nets,
-    parameterisation and sample section) can share one scorer and its compiled sampler.
+    labels), and scores them against the reference written by :func:`data_floor`. Models
+    whose sampling program is the same (same experts' U-Nets, parameterisation and sample
+    section) can share one scorer and its compiled sampler.
 
     Args:
       config: run config of the model (its eval section is not modified).
