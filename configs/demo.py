@@ -9,7 +9,7 @@ without guidance (it greys the white background). The full
 set of 1,859 unrelated pictograms (`data.name=pdm_emoji_demo`, 8 classes) draws only coloured
 blobs at that budget. `experts=2` gives the ImageNet-256 machinery at toy size instead: a patch-8
 U-Net for the high-noise steps (SNR <= 0.25) and the patch-4 one for the rest, trained together.
-`long` trains the same network for 12,000 steps with a slower EMA: the recipe whose FID is
+`long` trains the same network for 24,000 steps with a slower EMA: the recipe whose FID is
 compared with the data's own floor (README, "Results").
 
 Launch (from the repository root):
@@ -56,7 +56,7 @@ def get_config(arg: str | None = None):
     c.optim.lr = 2e-3
     c.optim.warmup_steps = 100
     c.optim.grad_clip = 1.0
-    c.train.num_steps = args.steps or (12_000 if args.long else 3_000)
+    c.train.num_steps = args.steps or (24_000 if args.long else 4_000)
     c.train.batch_size = 16
     c.train.log_every = 50
     c.train.sample_every = 500 if not args.long else 2_000
