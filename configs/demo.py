@@ -10,7 +10,7 @@ set of 1,859 unrelated pictograms (`data.name=pdm_emoji_demo`, 8 classes) draws 
 blobs at that budget. `experts=2` gives the ImageNet-256 machinery at toy size instead: a patch-8
 U-Net for the high-noise steps (SNR <= 0.25) and the patch-4 one for the rest, trained together.
 `long` trains the same network for 24,000 steps with a slower EMA: the recipe whose FID is
-compared with the data's own floor (README, "Results").
+compared with the data's own floor (README, "Measured").
 
 Launch (from the repository root):
   python -m pdm_jax.main --config=configs/demo.py --workdir=workdirs/demo
