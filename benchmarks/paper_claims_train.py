@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh
 
 from paper_claims_studies import Variant
@@ -29,8 +28,7 @@ from pdm_jax import sampling, sharding
 from pdm_jax.diffusion.experts import experts_from_config, sampling_steps_per_expert
 from pdm_jax.diffusion.schedules import Schedule
 from pdm_jax.evaluation import floor as floor_lib
-from pdm_jax.models.flops import count_macs
-from pdm_jax.models.unet import abstract_model
+from pdm_jax.jobs.summary import forward_macs
 from pdm_jax.training.state import setup_experts
 from pdm_jax.training.step import jit_train_step
 
@@ -62,16 +60,7 @@ def cost(config: ml_collections.ConfigDict) -> dict[str, Any]:
     steps (each runs the expert owning its SNR), i.e. the cost of one denoiser call.
     """
     experts = experts_from_config(config)
-    macs = []
-    for expert in experts:
-        unet = expert.model
-        graphdef, state = abstract_model(unet)
-        x = jax.ShapeDtypeStruct((1, unet.image_size, unet.image_size, unet.in_channels),
-                                 jnp.float32)
-        t = jax.ShapeDtypeStruct((1,), jnp.int32)
-        y = jax.ShapeDtypeStruct((1,), jnp.int32) if unet.num_classes else None
-        macs.append(count_macs(lambda s, x, t, y, g=graphdef: nnx.merge(g, s)(x, t, y),
-                               state, x, t, y))
+    macs = [forward_macs(expert.model) for expert in experts]
     d = config.diffusion
     respaced = Schedule.from_name(d.schedule, d.num_timesteps).respace(config.sample.steps)
     owned = sampling_steps_per_expert(experts, respaced)

@@ -15,7 +15,25 @@ from pdm_jax import config_lib, io as io_lib
 from pdm_jax.diffusion.experts import experts_from_config, sampling_steps_per_expert
 from pdm_jax.diffusion.schedules import Schedule
 from pdm_jax.models.flops import count_macs
-from pdm_jax.models.unet import abstract_model
+from pdm_jax.models.unet import UNetConfig, abstract_model
+
+
+def forward_macs(unet: UNetConfig, model: tuple[Any, Any] | None = None) -> int:
+    """Multiply-accumulates of one U-Net forward on one image, by abstract evaluation.
+
+    Args:
+      unet: the U-Net's config.
+      model: ``abstract_model(unet)`` when the caller already has it.
+
+    Returns:
+      The MACs of its convolutions and matmuls (``models.flops.count_macs``).
+    """
+    graphdef, state = model or abstract_model(unet)
+    x = jax.ShapeDtypeStruct((1, unet.image_size, unet.image_size, unet.in_channels),
+                             jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    y = jax.ShapeDtypeStruct((1,), jnp.int32) if unet.num_classes else None
+    return count_macs(lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y), state, x, t, y)
 
 
 def summarize(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict:
@@ -40,11 +58,7 @@ def summarize(config: ml_collections.ConfigDict, workdir: str | None = None) -> 
     for expert, num_steps in zip(experts, steps):
         unet = expert.model
         graphdef, state = abstract_model(unet)
-        x = jax.ShapeDtypeStruct((1, unet.image_size, unet.image_size, unet.in_channels),
-                                 jnp.float32)
-        t = jax.ShapeDtypeStruct((1,), jnp.int32)
-        y = jax.ShapeDtypeStruct((1,), jnp.int32) if unet.num_classes else None
-        macs = count_macs(lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y), state, x, t, y)
+        macs = forward_macs(unet, (graphdef, state))
         lo, hi = expert.snr_interval
         rows.append({"snr_interval": [lo, hi], "patch_size": unet.patch_size,
                      "image_size": unet.image_size,
