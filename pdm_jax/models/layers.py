@@ -57,15 +57,51 @@ class GroupNorm(nnx.Module):
             self.scale = nnx.Param(jnp.ones((channels,), jnp.float32))
             self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, scale: jax.Array | None = None,
+                 shift: jax.Array | None = None) -> jax.Array:
+        """Normalise x, then apply the optional per-sample modulation y * (1 + scale) + shift.
+
+        Args:
+          x: (B, H, W, C) activations.
+          scale, shift: optional (B, C) per-sample modulation (the ResBlock's scale-shift norm);
+            folded into the normalisation's own per-channel multiply-add.
+
+        Returns:
+          (B, H, W, C) in x's dtype.
+        """
         b, h, w, c = x.shape
-        xf = x.astype(jnp.float32).reshape(b, h, w, self.num_groups, c // self.num_groups)
-        mean = xf.mean(axis=(1, 2, 4), keepdims=True)
-        var = jnp.square(xf - mean).mean(axis=(1, 2, 4), keepdims=True)
-        y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
+        # Statistics go through per-channel sums over the pixels of a (B, HW, C) view, and the
+        # normalisation is one multiply-add by (B, 1, C) vectors: XLA:CPU vectorises these along
+        # the channel axis, while reducing a (B, H, W, G, C/G) view over three axes ran 2-3x
+        # slower forward and backward (benchmarks/RESULTS.md, "CPU speed"). Two passes (mean,
+        # then the mean square of x - mean) keep the variance exact for large means.
+        xf = x.astype(jnp.float32).reshape(b, h * w, c)
+        count = h * w * (c // self.num_groups)
+        mean = self._group_mean(xf.sum(axis=1), count)
+        centred = xf - mean
+        var = self._group_mean(jnp.square(centred).sum(axis=1), count)
+        factor = jax.lax.rsqrt(var + self.eps)
+        offset = None
         if self.affine:
-            y = y * self.scale[...] + self.bias[...]
-        return y.astype(x.dtype)
+            factor = factor * self.scale[...]
+            offset = jnp.broadcast_to(self.bias[...], (b, 1, c))
+        if scale is not None:
+            gain = 1 + scale.astype(jnp.float32)[:, None, :]
+            factor = factor * gain
+            offset = None if offset is None else offset * gain
+        if shift is not None:
+            shift = shift.astype(jnp.float32)[:, None, :]
+            offset = shift if offset is None else offset + shift
+        y = centred * factor
+        if offset is not None:
+            y = y + offset
+        return y.reshape(b, h, w, c).astype(x.dtype)
+
+    def _group_mean(self, channel_sums: jax.Array, count: int) -> jax.Array:
+        """(B, C) per-channel sums -> (B, 1, C): each channel's group mean over ``count`` values."""
+        b, c = channel_sums.shape
+        groups = channel_sums.reshape(b, self.num_groups, c // self.num_groups).sum(-1) / count
+        return jnp.repeat(groups, c // self.num_groups, axis=-1)[:, None, :]
 
 
 def sinusoidal_embedding(t: jax.Array, dim: int) -> jax.Array:
@@ -133,9 +169,8 @@ class ResBlock(nnx.Module):
         assert c == self.in_ch, (x.shape, self.in_ch)
         assert emb.shape[0] == b and (class_emb is None) == (self.class_proj is None)
         h = self.in_conv(jax.nn.silu(self.in_norm(x)))
-        scale, shift = jnp.split(self.emb_proj(emb)[:, None, None, :], 2, axis=-1)
-        h = self.out_norm(h) * (1 + scale) + shift
-        h = jax.nn.silu(h)
+        scale, shift = jnp.split(self.emb_proj(emb), 2, axis=-1)
+        h = jax.nn.silu(self.out_norm(h, scale, shift))
         if self.dropout > 0 and dropout_rng is not None:
             keep = jax.random.bernoulli(dropout_rng, 1.0 - self.dropout, h.shape)
             h = jnp.where(keep, h / (1.0 - self.dropout), 0).astype(h.dtype)
