@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pdm_jax.models import group_norm
+
 # PyTorch's default weight init (kaiming_uniform with a=sqrt(5)) is U(-1/sqrt(fan_in), ...),
 # i.e. variance 1/(3 fan_in): keep the reference's scale so training recipes transfer.
 default_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -70,38 +72,21 @@ class GroupNorm(nnx.Module):
           (B, H, W, C) in x's dtype.
         """
         b, h, w, c = x.shape
-        # Statistics go through per-channel sums over the pixels of a (B, HW, C) view, and the
-        # normalisation is one multiply-add by (B, 1, C) vectors: XLA:CPU vectorises these along
-        # the channel axis, while reducing a (B, H, W, G, C/G) view over three axes ran 2-3x
-        # slower forward and backward (benchmarks/RESULTS.md, "CPU speed"). Two passes (mean,
-        # then the mean square of x - mean) keep the variance exact for large means.
-        xf = x.astype(jnp.float32).reshape(b, h * w, c)
-        count = h * w * (c // self.num_groups)
-        mean = self._group_mean(xf.sum(axis=1), count)
-        centred = xf - mean
-        var = self._group_mean(jnp.square(centred).sum(axis=1), count)
-        factor = jax.lax.rsqrt(var + self.eps)
-        offset = None
+        # The affine weights and the modulation fold into one (B, 1, C) gain and offset, so
+        # the full-size work is a single multiply-add (group_norm.py says why that matters).
+        gain = jnp.ones((b, 1, c), jnp.float32)
+        offset = jnp.zeros((b, 1, c), jnp.float32)
         if self.affine:
-            factor = factor * self.scale[...]
-            offset = jnp.broadcast_to(self.bias[...], (b, 1, c))
+            gain = gain * self.scale[...]
+            offset = offset + self.bias[...]
         if scale is not None:
-            gain = 1 + scale.astype(jnp.float32)[:, None, :]
-            factor = factor * gain
-            offset = None if offset is None else offset * gain
+            factor = 1 + scale.astype(jnp.float32)[:, None, :]
+            gain, offset = gain * factor, offset * factor
         if shift is not None:
-            shift = shift.astype(jnp.float32)[:, None, :]
-            offset = shift if offset is None else offset + shift
-        y = centred * factor
-        if offset is not None:
-            y = y + offset
+            offset = offset + shift.astype(jnp.float32)[:, None, :]
+        y = group_norm.normalize(x.astype(jnp.float32).reshape(b, h * w, c), gain, offset,
+                                 self.num_groups, self.eps)
         return y.reshape(b, h, w, c).astype(x.dtype)
-
-    def _group_mean(self, channel_sums: jax.Array, count: int) -> jax.Array:
-        """(B, C) per-channel sums -> (B, 1, C): each channel's group mean over ``count`` values."""
-        b, c = channel_sums.shape
-        groups = channel_sums.reshape(b, self.num_groups, c // self.num_groups).sum(-1) / count
-        return jnp.repeat(groups, c // self.num_groups, axis=-1)[:, None, :]
 
 
 def sinusoidal_embedding(t: jax.Array, dim: int) -> jax.Array:
