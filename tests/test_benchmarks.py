@@ -9,6 +9,7 @@ error growing with the noise level and falling with training).
 
 import json
 import math
+import os
 import pathlib
 import runpy
 import sys
@@ -219,3 +220,35 @@ def test_demo_fid_scores_a_run_next_to_its_datas_floor(capsys, tmp_path):
     assert set(out["floor"]) == set(out["model"]) == {"fid", "sfid", "precision", "recall"}
     assert 0 < out["floor"]["fid"] < out["model"]["fid"]
     assert out["fid_over_floor"] == pytest.approx(out["model"]["fid"] / out["floor"]["fid"])
+
+
+#### vs_pytorch.py ####
+
+
+def test_vs_pytorch_refuses_a_folder_without_the_authors_code(tmp_path, capsys):
+    argv = sys.argv
+    sys.argv = ["vs_pytorch.py", f"--torch_repo={tmp_path}"]
+    try:
+        with pytest.raises(SystemExit):
+            runpy.run_path(str(BENCHMARKS / "vs_pytorch.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+    assert f"--torch_repo='{tmp_path}' holds no patch_diffusion/unet.py" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.environ.get("PDM_TORCH_REPO"),
+                    reason="set PDM_TORCH_REPO to a clone of the authors' PatchDiffusion-Pytorch")
+def test_vs_pytorch_times_the_same_network_in_both(capsys):
+    """The demo U-Net in both frameworks: same outputs, both timed, ratios consistent."""
+    argv = sys.argv
+    sys.argv = ["vs_pytorch.py", f"--torch_repo={os.environ['PDM_TORCH_REPO']}", "--archs=demo",
+                "--demo_batch=2", "--iters=1"]
+    try:
+        runpy.run_path(str(BENCHMARKS / "vs_pytorch.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+    (result,) = json.loads(capsys.readouterr().out)["results"]
+    assert result["max_abs_output_diff"] < 1e-4 * max(result["output_scale"], 1.0)
+    secs = result["seconds"]
+    assert result["jax_over_torch"]["forward_backward"] == pytest.approx(
+        secs["jax_forward_backward"] / secs["torch_forward_backward"])

@@ -333,6 +333,15 @@ def test_kill_in_the_save_window_sigterm_and_a_second_trainer(tmp_path, trained_
     assert second.wait(timeout=300) == 0, log.read_text()[-3000:]
     stopped = log.read_text()[start:]
     assert "resumed from step" in stopped and "Stop requested" in stopped
+    # The time to the first step, logged in the form benchmarks/startup_time.py reads.
+    spec = importlib.util.spec_from_file_location("startup_time",
+                                                  REPO / "benchmarks" / "startup_time.py")
+    startup_time = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(startup_time)
+    first_step = startup_time._FIRST.search(stopped)
+    assert first_step, stopped[-3000:]
+    total, setup, compile_and_step = map(float, first_step.groups())
+    assert total == pytest.approx(setup + compile_and_step, abs=0.15) and setup > 0
 
     soak.run_to_end(command, env, log)
     same = soak.compare(trained_run.workdir, workdir)  # every tensor of both experts' states

@@ -14,6 +14,7 @@ to it); a second trainer on the same experts is refused (training/lease.py).
 from __future__ import annotations
 
 import contextlib
+import time
 
 import jax
 import ml_collections
@@ -43,6 +44,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, State]:
       lease_lib.WorkdirBusyError: another live run trains these experts in ``workdir``.
     """
     #### Validate, before anything is built or written ####
+    started = time.perf_counter()
     config_lib.validate(config, "train", workdir)
     t = config.train
     experts = experts_from_config(config)
@@ -109,6 +111,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, State]:
         progress(start)
         stop = stack.enter_context(StopRequest())
         queue, step = MetricsQueue(), start
+        built = time.perf_counter()
         while step < t.num_steps:
             batch = next(batches)
             position = pipeline.records_consumed(batch)
@@ -116,6 +119,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, State]:
                                           full=global_order)
             states, step_metrics = step_fn(states, batch)
             step += 1
+            if step == start + 1:
+                _log_first_step(step_metrics, started, built)
             queue.push(step_metrics)
             if step % t.log_every == 0 or step == t.num_steps:
                 writer.write_scalars(step, queue.drain(step))
@@ -137,6 +142,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, State]:
                 logging.warning("Stop requested (SIGTERM/preemption) at step %d: saved.", step)
                 break
     return states
+
+
+def _log_first_step(step_metrics, started: float, built: float) -> None:
+    """Logs the time to the first step: set-up (data, state, restore) and compile + step."""
+    jax.block_until_ready(step_metrics)
+    now = time.perf_counter()
+    logging.info("First step done %.1f s after train started: %.1f s set-up (state, data, "
+                 "restore), %.1f s compiling and running it (a warm compilation cache skips "
+                 "most of the compile).", now - started, built - started, now - built)
 
 
 def _batch_spec(config: ml_collections.ConfigDict, mesh) -> dict[str, jax.ShapeDtypeStruct]:
