@@ -4,7 +4,13 @@
 ``import pdm_jax`` stays light.
 """
 
+from pdm_jax import xla_options as _xla_options
+
 __version__ = "0.1.0"
+
+# Before JAX starts its CPU client: measured XLA:CPU options (xla_options.py says which, why,
+# and how to opt out).
+_xla_options.apply_cpu_options()
 
 
 def __getattr__(name: str):
