@@ -68,7 +68,7 @@ def get_config(arg: str | None = None):
     c.sample.num_samples = 64
     c.sample.batch_size = 64
     # The long run's FID keeps falling with sampler steps (DDPM 100 / 250 / 1000: 96.4 / 91.8 /
-    # 86.7 at 113 samples, README "Measured"); a 36-image grid at 1000 steps takes ~1 min here.
+    # 86.7 at 113 samples, README "Measured"); the training grids stay at grid_steps.
     c.sample.steps = "1000" if args.long else "100"
     # No guidance (w = 1): guided sampling thresholds x0 dynamically (SPEC 5, as released), and
     # a guided white background overshoots 1, so the rescale greys the whole image (background
