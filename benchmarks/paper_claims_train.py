@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import statistics
 import time
@@ -209,17 +208,10 @@ def run_variant(config: ml_collections.ConfigDict, programs: Programs, images: n
 
 def random_inception(directory: str) -> str:
     """Random Inception weights of the right shapes (--smoke without real weights); returns
-    the file's path. He-normal kernels, unit variances, zero means and betas."""
+    the file's path."""
     from pdm_jax.evaluation import inception
 
-    rng = np.random.default_rng(0)
-    weights = {}
-    for name, shape in inception.expected_shapes(False).items():
-        if name.endswith("kernel"):
-            value = rng.normal(size=shape) * math.sqrt(2.0 / np.prod(shape[:-1]))
-        else:
-            value = np.ones(shape) if name.endswith("var") else np.zeros(shape)
-        weights[name] = value.astype(np.float32)
+    weights = inception.random_weights()
     path = os.path.join(directory, "random_inception.safetensors")
     inception.save_inception_weights(path, weights, source="random (paper_claims --smoke)")
     return path

@@ -584,15 +584,7 @@ def test_training_with_fid_and_no_reference_fails_before_compiling(reference, tm
 def random_inception_weights():
     from pdm_jax.evaluation import inception
 
-    rng = np.random.default_rng(0)
-    weights = {}
-    for name, shape in inception.expected_shapes(False).items():
-        if name.endswith("kernel"):
-            value = rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
-        else:
-            value = np.ones(shape) if name.endswith("var") else np.zeros(shape)
-        weights[name] = value.astype(np.float32)
-    return weights
+    return inception.random_weights()
 
 
 def test_evaluate_cli_with_a_real_inception_weight_file(tmp_path, xla_cache):

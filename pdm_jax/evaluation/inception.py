@@ -252,6 +252,27 @@ def check_weights(weights: dict[str, np.ndarray], where: str) -> bool:
     return has_logits
 
 
+def random_weights(seed: int = 0) -> dict[str, np.ndarray]:
+    """Random weights of the right shapes, for plumbing checks without the real file (scores
+    computed with them mean nothing): He-normal kernels, unit variances, zero means and betas.
+
+    Args:
+      seed: numpy seed.
+
+    Returns:
+      {flat name: float32 array} as :func:`save_inception_weights` takes.
+    """
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, shape in expected_shapes(False).items():
+        if name.endswith("kernel"):
+            value = rng.normal(size=shape) * math.sqrt(2.0 / np.prod(shape[:-1]))
+        else:
+            value = np.ones(shape) if name.endswith("var") else np.zeros(shape)
+        weights[name] = value.astype(np.float32)
+    return weights
+
+
 def save_inception_weights(path: str, weights: dict[str, np.ndarray], *, source: str) -> None:
     """Writes flat weights (names of :func:`expected_shapes`) as safetensors, atomically.
 

@@ -63,8 +63,7 @@ def normalize(x: jax.Array, gain: jax.Array, offset: jax.Array, num_groups: int,
     Returns:
       (B, S, C) float32.
     """
-    mean, inv = _statistics(x, num_groups, eps)
-    return (x - mean) * (inv * gain) + offset
+    return _normalize_fwd(x, gain, offset, num_groups, eps)[0]
 
 
 def _normalize_fwd(x, gain, offset, num_groups, eps):
