@@ -22,6 +22,7 @@ from absl import logging
 from pdm_jax.diffusion import experts as experts_lib
 from pdm_jax.diffusion import losses, samplers, schedules
 from pdm_jax.models.unet import UNetConfig
+from pdm_jax.training import state as state_lib
 
 MODES = ("train", "sample", "summary", "export", "analyze", "eval", "ref_stats", "prepare_data")
 # Sections that define what a run IS; the other modes take them from the run's config.json.
@@ -81,8 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Timestep-split ensemble (SPEC 6): a list of dict(snr_interval=(lo, hi), model={overrides},
     # optim={overrides}, warm_start=dict(workdir=..., expert=K)). Empty: one model, whole chain.
     c.experts = []
+    # schedule: 'constant' after the warmup (every released recipe) or 'cosine' from lr down to
+    # final_lr at step decay_steps (warmup included; e.g. train.num_steps).
     c.optim = dict(lr=1e-4, warmup_steps=5_000, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0,
-                   grad_clip=0.0)
+                   grad_clip=0.0, schedule="constant", decay_steps=0, final_lr=0.0)
     # fid_every > 0: FID/sFID/precision/recall of fid_num_samples EMA samples (respacing
     # fid_steps, the sample section's sampler and guidance) against eval.ref_path every fid_every
     # steps and at the end, written with the other scalars as eval/fid etc. (needs the eval
@@ -327,6 +330,7 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train",
     experts = experts_lib.experts_from_config(config)
     for expert in experts:
         expert.model.validate()
+        state_lib.learning_rate_schedule(expert.optim)
     model = experts[0].model
     if model.image_size != config.data.image_size:
         raise ValueError(f"model.image_size={model.image_size} differs from "

@@ -31,11 +31,42 @@ from pdm_jax.models.unet import UNet, UNetConfig
 State = dict[str, Any]
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 def learning_rate_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
-    """Linear warmup from 0 to ``optim.lr`` over ``optim.warmup_steps``, then constant (SPEC 7)."""
-    if optim.warmup_steps <= 0:
-        return optax.constant_schedule(optim.lr)
-    return optax.linear_schedule(0.0, optim.lr, optim.warmup_steps)
+    """Linear warmup from 0 to ``optim.lr`` over ``optim.warmup_steps`` (SPEC 7), then the decay.
+
+    Args:
+      optim: the optim section. ``schedule='constant'`` (the released recipes) holds ``lr``
+        after the warmup; ``'cosine'`` decays it to ``final_lr`` along half a cosine that ends at
+        step ``decay_steps`` (counted from step 0, warmup included) and stays there.
+
+    Returns:
+      An optax schedule of the global step.
+
+    Raises:
+      ValueError: an unknown schedule, or a cosine whose decay_steps does not exceed the warmup.
+    """
+    schedule = optim.get("schedule", "constant")
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"Unknown optim.schedule {schedule!r}; expected one of {LR_SCHEDULES}.")
+    warmup = max(int(optim.warmup_steps), 0)
+    if schedule == "constant":
+        if warmup == 0:
+            return optax.constant_schedule(optim.lr)
+        return optax.linear_schedule(0.0, optim.lr, warmup)
+    decay_steps = int(optim.get("decay_steps", 0))
+    if decay_steps <= warmup:
+        raise ValueError(f"optim.schedule='cosine' needs optim.decay_steps > optim.warmup_steps "
+                         f"(={warmup}): the step where the decay ends, e.g. train.num_steps; "
+                         f"got {decay_steps}.")
+    final_lr = float(optim.get("final_lr", 0.0))
+    if not 0.0 <= final_lr <= optim.lr:
+        raise ValueError(f"optim.final_lr={final_lr} must lie in [0, optim.lr={optim.lr}].")
+    # The warmup ends exactly at lr, which is where the cosine starts, so the schedule is
+    # continuous; past decay_steps the cosine schedule returns final_lr.
+    return optax.warmup_cosine_decay_schedule(0.0, optim.lr, warmup, decay_steps, final_lr)
 
 
 def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
