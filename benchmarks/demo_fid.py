@@ -42,11 +42,11 @@ def main(argv=None) -> dict:
 
     import jax
 
-    from pdm_jax import checkpointing, config_lib, sharding
+    from pdm_jax import config_validation, run_loading, sharding
     from pdm_jax.diffusion.experts import experts_from_config
     from pdm_jax.evaluation import floor as floor_lib
 
-    config = checkpointing.read_run_config(args.workdir)
+    config = run_loading.read_run_config(args.workdir)
     config.sample.update(seed=args.seed, **{k: v for k, v in (
         ("steps", args.steps), ("sampler", args.sampler),
         ("guidance_scale", args.guidance_scale)) if v not in ("", None)})
@@ -61,8 +61,8 @@ def main(argv=None) -> dict:
                                    ref_path=os.path.join(tmp, "reference.npz"), labels=labels)
         config.eval.update(inception_path=args.inception_path, ref_path=ref.path,
                            num_samples=num, batch_size=args.batch_size)
-        config_lib.validate(config, "eval", args.workdir)
-        emas = [checkpointing.load_expert_ema(args.workdir, e.index, mesh, config)
+        config_validation.validate(config, "eval", args.workdir)
+        emas = [run_loading.load_expert_ema(args.workdir, e.index, mesh, config)
                 for e in experts_from_config(config)]
         model = floor_lib.reference_scorer(config, mesh, ref, steps=config.sample.steps,
                                            batch_size=args.batch_size)(emas)

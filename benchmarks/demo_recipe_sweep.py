@@ -101,7 +101,7 @@ def demo_config(arg: str = ""):
 
 def recipe_config(name: str, smoke: bool):
     """configs/demo.py with recipe ``name``'s overrides (smoke: the 16x16 test size)."""
-    from pdm_jax import config_lib
+    from pdm_jax import config_validation
     if name not in RECIPES:
         raise ValueError(f"Unknown recipe {name!r}; known: {sorted(RECIPES)}")
     recipe = dict(RECIPES[name])
@@ -122,7 +122,7 @@ def recipe_config(name: str, smoke: bool):
     # The checks every mode shares (values, experts, schedule, sampler). Not mode "train": that
     # also checks the tfds dataset, which the sweep never reads (its images come from an .npz,
     # so it runs without TensorFlow).
-    config_lib.validate(config, "summary")
+    config_validation.validate(config, "summary")
     import jax
     for what, size in (("train.batch_size", config.train.batch_size), ("grid", NUM_GRID)):
         if size % jax.device_count():

@@ -30,7 +30,7 @@ from flax import nnx
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from pdm_jax import config_lib, sharding  # noqa: E402
+from pdm_jax import config_lib, config_validation, sharding  # noqa: E402
 from pdm_jax.data import pipeline  # noqa: E402
 from pdm_jax.diffusion import losses  # noqa: E402
 from pdm_jax.diffusion.schedules import Schedule  # noqa: E402
@@ -61,7 +61,7 @@ def demo_config(parameterization: str, patch: int, args: argparse.Namespace):
     c.train.batch_size = args.batch
     c.train.ema_decay = args.ema
     c.mesh.shape = (-1, 1)
-    config_lib.validate(c, "train")
+    config_validation.validate(c, "train")
     return c
 
 

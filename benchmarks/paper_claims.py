@@ -121,7 +121,7 @@ def _typed(old: Any, value: str) -> Any:
 
 def base_config(args: argparse.Namespace, data_overrides: dict[str, str]):
     """The study's base config: the data section, the size's U-Net, optimiser and sampler."""
-    from pdm_jax import config_lib
+    from pdm_jax import config_lib, config_validation
     from pdm_jax.data import datasets
 
     path, _, arg = args.data_config.partition(":")
@@ -143,7 +143,7 @@ def base_config(args: argparse.Namespace, data_overrides: dict[str, str]):
     c.sample.update(sampler=args.sampler, steps=args.sample_steps, eta=0.0, seed=args.seed,
                     guidance_scale=args.guidance_scale, batch_size=args.eval_batch)
     c.mesh.shape = (-1, 1)
-    config_lib.validate(c, "train")
+    config_validation.validate(c, "train")
     return c
 
 

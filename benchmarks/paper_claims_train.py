@@ -34,7 +34,7 @@ from pdm_jax.training.step import jit_train_step
 
 def variant_config(base: ml_collections.ConfigDict, variant: Variant) -> ml_collections.ConfigDict:
     """The study's base config with one variant's patch sizes, objective and seed."""
-    from pdm_jax import config_lib
+    from pdm_jax import config_validation
 
     c = ml_collections.ConfigDict(base.to_dict())
     over = variant.overrides()
@@ -46,7 +46,7 @@ def variant_config(base: ml_collections.ConfigDict, variant: Variant) -> ml_coll
         c.model.patch_size = over["model"]["patch_size"]
     c.seed = base.seed + variant.seed_offset
     c.sample.seed = base.sample.seed + variant.seed_offset
-    config_lib.validate(c, "summary")  # the data were checked once, on the base config
+    config_validation.validate(c, "summary")  # the data were checked once, on the base config
     return c
 
 

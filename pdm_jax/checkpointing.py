@@ -27,17 +27,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from jax.sharding import Mesh
 from orbax.checkpoint._src.metadata import array_metadata_store as array_metadata_store_lib
 
 from pdm_jax import config_lib
 from pdm_jax.sharding import path_str
-from pdm_jax.training.state import ExpertSetup, State, setup_expert
+from pdm_jax.training.state import ExpertSetup, State
 
 _STATE, _META = "state", "meta"
 _SIGNATURE_KEY = "checkpoint_signature"
@@ -101,7 +99,7 @@ def _configure_array_writes() -> None:
         override=True)
 
 
-def _is_complete_step(step_dir: epath.Path) -> bool:
+def is_complete_step(step_dir: epath.Path) -> bool:
     """Whether a step directory holds a finished checkpoint of both items."""
     required = ["_CHECKPOINT_METADATA", f"{_STATE}/_METADATA", f"{_META}/metadata"]
     if "://" in str(step_dir):  # object stores: renames are not atomic, commit markers decide
@@ -114,7 +112,7 @@ def _set_aside_incomplete_steps(directory: epath.Path) -> None:
     if jax.process_index() != 0 or not directory.exists():
         return
     for step_dir in directory.iterdir():
-        if step_dir.name.isdigit() and not _is_complete_step(step_dir):
+        if step_dir.name.isdigit() and not is_complete_step(step_dir):
             aside = step_dir.parent / f"{step_dir.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}"
             logging.warning("%s is not a complete checkpoint (no commit files: killed or "
                             "concurrent writer?); moving it aside to %s and resuming from the "
@@ -179,7 +177,7 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         """Every committed step, oldest first (incomplete step directories are skipped)."""
         return sorted(s for s in self._manager.all_steps()
-                      if _is_complete_step(self._path / str(s)))
+                      if is_complete_step(self._path / str(s)))
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None."""
@@ -371,89 +369,3 @@ class ExpertCheckpoints:
         self._prune()
         for ckpt in self._ckpts.values():
             ckpt.close()
-
-
-#### Loading a run's experts (sampling, export, evaluation, warm starts) ####
-
-
-def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a run was trained with (``WORKDIR/config.json``)."""
-    path = epath.Path(workdir) / CONFIG_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: not a pdm_jax training workdir.")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
-def latest_expert_step(workdir: str, expert_name: str) -> int | None:
-    """The newest committed step of one expert of a run, without opening orbax (None: none)."""
-    directory = epath.Path(expert_checkpoint_dir(workdir, expert_name))
-    if not directory.exists():
-        return None
-    steps = [int(p.name) for p in directory.iterdir()
-             if p.name.isdigit() and _is_complete_step(p)]
-    return max(steps) if steps else None
-
-
-def load_expert_state(workdir: str, expert_index: int, mesh: Mesh,
-                      config: ml_collections.ConfigDict | None = None) -> tuple[State, int]:
-    """The latest train state of one expert of the run in ``workdir``, sharded over ``mesh``.
-
-    Args:
-      workdir: training workdir.
-      expert_index: which expert of that run's config.
-      mesh: where to place the state.
-      config: that run's config; read from ``WORKDIR/config.json`` when None.
-
-    Returns:
-      (state dict with 'params', 'ema', 'opt_state', 'step', 'rng'; its checkpoint step).
-
-    Raises:
-      FileNotFoundError: the expert has no checkpoint, naming it and the directory.
-    """
-    from pdm_jax.diffusion.experts import experts_from_config
-
-    config = read_run_config(workdir) if config is None else config
-    experts = experts_from_config(config)
-    if not 0 <= expert_index < len(experts):
-        raise ValueError(f"Expert {expert_index} does not exist in {workdir} "
-                         f"({len(experts)} experts).")
-    setup = setup_expert(experts[expert_index], mesh, config.seed + expert_index)
-    directory = expert_checkpoint_dir(workdir, setup.name)
-    if latest_expert_step(workdir, setup.name) is None:
-        raise FileNotFoundError(
-            f"No checkpoint for {setup.expert.describe()} under {directory}: train it first "
-            f"(--mode=train, or --config.train.expert={expert_index} for this expert alone).")
-    with Checkpointer(directory, signature=setup.signature) as ckpt:
-        step = ckpt.latest_step()
-        state, _ = ckpt.restore(setup.abstract, step)
-    logging.info("Loaded %s from step %d", setup.expert.describe(), step)
-    return state, step
-
-
-def load_expert_ema(workdir: str, expert_index: int, mesh: Mesh,
-                    config: ml_collections.ConfigDict | None = None) -> dict:
-    """The latest EMA parameters of one expert of a run (see :func:`load_expert_state`)."""
-    return load_expert_state(workdir, expert_index, mesh, config)[0]["ema"]
-
-
-def warm_start(setup: ExpertSetup, state: State, workdir: str, mesh: Mesh) -> State:
-    """``state`` with params and EMA set to another expert's latest EMA weights (SPEC 6).
-
-    The source is expert ``warm_start_expert`` of ``warm_start_workdir`` (this run's workdir when
-    empty); the optimiser state stays fresh.
-
-    Raises:
-      FileNotFoundError: the source has no checkpoint. ValueError: its architecture differs.
-    """
-    expert = setup.expert
-    source_workdir = expert.warm_start_workdir or workdir
-    source = load_expert_ema(source_workdir, expert.warm_start_expert, mesh)
-    target = setup.abstract["params"]
-    if jax.tree.map(lambda a: a.shape, source) != jax.tree.map(lambda a: a.shape, target):
-        raise ValueError(f"Warm start of {expert.describe()} from expert "
-                         f"{expert.warm_start_expert} of {source_workdir}: the architectures "
-                         f"differ.")
-    params = jax.tree.map(lambda s, a: jax.device_put(s, a.sharding), source, target)
-    logging.info("Warm-started %s from expert %d of %s", expert.describe(),
-                 expert.warm_start_expert, source_workdir)
-    return {**state, "params": params, "ema": jax.tree.map(jnp.copy, params)}

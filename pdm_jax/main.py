@@ -46,10 +46,10 @@ class _QuietLibraries(pylogging.Filter):
 
 def _with_run_config(config, workdir: str):
     """``config`` with the run's sections from ``WORKDIR/config.json`` (if any), overrides kept."""
-    from pdm_jax import checkpointing, config_lib
+    from pdm_jax import checkpointing, config_lib, run_loading
 
     try:
-        run_config = checkpointing.read_run_config(workdir)
+        run_config = run_loading.read_run_config(workdir)
     except FileNotFoundError:
         return config
     logging.info("Using the data/model/diffusion/experts sections of %s/%s.", workdir,

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, demo_config
-from pdm_jax import config_lib
+from pdm_jax import config_validation
 from pdm_jax.analysis import blur
 from pdm_jax.analysis.optimal_denoiser import blur_rmse, optimal_denoiser, patch_blur
 from pdm_jax.diffusion.schedules import Schedule
@@ -121,14 +121,14 @@ def test_timesteps_and_validation():
     c.analysis.timesteps = (999, 0, 999)
     assert blur.analysis_timesteps(c.analysis, 1000) == [0, 999]
     assert blur.split_timestep(SCHEDULE) == 396
-    config_lib.validate(c, "analyze")
+    config_validation.validate(c, "analyze")
     c.analysis.patch_sizes = (2, 3)
     with pytest.raises(ValueError, match="patch_sizes has 3"):
-        config_lib.validate(c, "analyze")
+        config_validation.validate(c, "analyze")
     c.analysis.patch_sizes = (2,)
     c.analysis.timesteps = (1000,)
     with pytest.raises(ValueError, match=r"\[1000\] outside"):
-        config_lib.validate(c, "analyze")
+        config_validation.validate(c, "analyze")
 
 
 def test_mode_analyze_end_to_end(tmp_path):

@@ -21,8 +21,8 @@ from jax.sharding import Mesh
 
 from conftest import REPO, demo_config
 from pdm_jax import sharding
-from pdm_jax.checkpointing import (Checkpointer, ExpertCheckpoints, expert_checkpoint_dir,
-                                   latest_expert_step)
+from pdm_jax.checkpointing import Checkpointer, ExpertCheckpoints, expert_checkpoint_dir
+from pdm_jax.run_loading import latest_expert_step
 from pdm_jax.training.preemption import StopRequest
 from pdm_jax.training.state import setup_experts
 

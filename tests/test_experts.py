@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 from flax import nnx
 
 from conftest import load_config, random_state
-from pdm_jax import checkpointing, io as io_lib, sampling, sharding
+from pdm_jax import checkpointing, io as io_lib, run_loading, sampling, sharding
 from pdm_jax.diffusion.experts import (
     dispatching_model_fn, experts_from_config, sampling_steps_per_expert)
 from pdm_jax.diffusion.schedules import Schedule
@@ -141,9 +141,9 @@ def test_warm_start_copies_the_source_ema_exactly(paper_source):
     mesh = sharding.make_mesh((-1, 1))
     (low,) = state_lib.setup_experts(config, mesh, [0])
     assert (low.expert.warm_start_workdir, low.expert.warm_start_expert) == ("", 1)
-    assert checkpointing.latest_expert_step(workdir, low.name) is None  # only expert 1 saved
+    assert run_loading.latest_expert_step(workdir, low.name) is None  # only expert 1 saved
     fresh = random_state(low.abstract, seed=2)
-    warm = checkpointing.warm_start(low, fresh, workdir, mesh)
+    warm = run_loading.warm_start(low, fresh, workdir, mesh)
     targets = jax.tree.leaves(low.abstract["params"])
     for got, ema, want, target in zip(jax.tree.leaves(warm["params"]),
                                       jax.tree.leaves(warm["ema"]),
@@ -212,11 +212,11 @@ def test_missing_experts_are_named_when_sampling_or_warm_starting(tmp_path):
     (tmp_path / "config.json").write_text(config.to_json_best_effort())
     mesh = sharding.make_mesh((-1, 1))
     with pytest.raises(FileNotFoundError, match=r"No checkpoint for expert 0 \(SNR in"):
-        checkpointing.load_expert_ema(str(tmp_path), 0, mesh, config)
+        run_loading.load_expert_ema(str(tmp_path), 0, mesh, config)
     # A warm start whose source expert was never trained names it (and how to train it).
     paper = load_config("imagenet256", "smoke,recipe=paper")
     (tmp_path / "config.json").write_text(paper.to_json_best_effort())
     (low,) = state_lib.setup_experts(paper, mesh, [0])
     with pytest.raises(FileNotFoundError, match=r"No checkpoint for expert 1 .*"
                                                 r"--config\.train\.expert=1"):
-        checkpointing.warm_start(low, {}, str(tmp_path), mesh)
+        run_loading.warm_start(low, {}, str(tmp_path), mesh)

@@ -481,7 +481,7 @@ def test_eval_mode_samples_and_scores_against_the_reference(reference, tmp_path,
     in their shardings (creating and checkpointing real states costs minutes on this CPU; the
     checkpoint loader has its own tests). The metrics must be those of the images --mode=sample
     draws with the same seed and batch size, scored as the evaluator scores a samples file."""
-    from pdm_jax import checkpointing, io as io_lib, sampling, sharding
+    from pdm_jax import io as io_lib, run_loading, sampling, sharding
     from pdm_jax.evaluation import report
     from pdm_jax.jobs import evaluate
     from pdm_jax.training.state import setup_experts
@@ -496,8 +496,8 @@ def test_eval_mode_samples_and_scores_against_the_reference(reference, tmp_path,
                                                   a.sharding), s.abstract["ema"])
             for s in setup_experts(config, mesh)]
     loaded = []
-    monkeypatch.setattr(checkpointing, "latest_expert_step", lambda workdir, name: 1)
-    monkeypatch.setattr(checkpointing, "load_expert_ema",
+    monkeypatch.setattr(run_loading, "latest_expert_step", lambda workdir, name: 1)
+    monkeypatch.setattr(run_loading, "load_expert_ema",
                         lambda workdir, index, mesh, config: loaded.append(index) or emas[index])
     result = evaluate.run(config, str(tmp_path))
     assert loaded == [0, 1]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import demo_config
-from pdm_jax import config_lib
+from pdm_jax import config_lib, config_validation
 from pdm_jax.training import state as state_lib
 
 
@@ -40,4 +40,4 @@ def test_bad_schedule_settings_are_refused_by_config_validation(overrides, messa
     config = demo_config("smoke")
     config.optim.update(overrides)
     with pytest.raises(ValueError, match=message):
-        config_lib.validate(config, "train")
+        config_validation.validate(config, "train")

@@ -2,7 +2,7 @@
 
 Each ``pdm_jax.main`` subprocess costs about 8-10 s of imports; none of them compiles anything.
 Bad config values are also checked in-process through the train job, whose first act is the
-one validation pass (config_lib.validate).
+one validation pass (config_validation.validate).
 """
 
 import json

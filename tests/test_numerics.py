@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 
 from conftest import demo_config
-from pdm_jax import config_lib, io as io_lib
+from pdm_jax import config_validation, io as io_lib
 from pdm_jax.diffusion import samplers
 from pdm_jax.models.unet import UNet, UNetConfig
 
@@ -59,16 +59,16 @@ def test_samples_become_uint8_by_truncation_as_in_adm_and_data_round_trips_exact
 def test_eps_with_a_patched_model_warns_and_x0_or_unpatched_eps_do_not(caplog):
     config = demo_config("smoke")  # patches 2 and 4
     config.diffusion.update(parameterization="eps", weighting="snr")
-    config_lib.validate(config, "summary")  # not a training: no warning
+    config_validation.validate(config, "summary")  # not a training: no warning
     assert "fragile" not in caplog.text
-    config_lib.validate(config, "train")
+    config_validation.validate(config, "train")
     assert "parameterization='eps' with patch size [2, 4]" in caplog.text
     caplog.clear()
     config.diffusion.update(parameterization="x0", weighting="sqrt_snr")
-    config_lib.validate(config, "train")
+    config_validation.validate(config, "train")
     config.diffusion.update(parameterization="eps", weighting="snr")
     config.experts = []
     config.model.patch_size = 1
-    config_lib.validate(config, "train")
+    config_validation.validate(config, "train")
     assert "fragile" not in caplog.text
     assert jax.device_count() == 8

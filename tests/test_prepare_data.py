@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import REPO, demo_config
-from pdm_jax import config_lib
+from pdm_jax import config_validation
 from pdm_jax.data import datasets, pipeline
 from pdm_jax.jobs import prepare_data
 
@@ -53,10 +53,10 @@ def test_prepare_data_runs_as_one_process_only(tmp_path, monkeypatch):
 def test_prepare_data_rejects_folders_and_names_what_a_manual_dataset_needs(tmp_path, folder16):
     with pytest.raises(ValueError, match=r"data.name='folder' reads data.folder=.* directly "
                                          r"\(nothing to prepare\)"):
-        config_lib.validate(_demo(tmp_path, name="folder", folder=str(folder16)), "prepare_data")
+        config_validation.validate(_demo(tmp_path, name="folder", folder=str(folder16)), "prepare_data")
     with pytest.raises(FileNotFoundError, match=r"needs a manual download: pass "
                                                 r"--config.data.manual_dir=DIR"):
-        config_lib.validate(_demo(tmp_path, name="imagenet2012"), "prepare_data")
+        config_validation.validate(_demo(tmp_path, name="imagenet2012"), "prepare_data")
 
 
 @pytest.mark.parametrize("check", ["validation", "pipeline"])
@@ -67,7 +67,7 @@ def test_multi_process_training_refuses_to_prepare_a_large_dataset(tmp_path, mon
                r"which would prepare it on its own\. Prepare it once first: python -m "
                r"pdm_jax.main --mode=prepare_data")
     with pytest.raises(FileNotFoundError, match=message):
-        if check == "validation":  # config_lib.validate(config, "train") calls this
+        if check == "validation":  # config_validation.validate(config, "train") calls this
             datasets.check_available(data)
         else:  # the dataset's own preparation path, for callers that skip validation
             pipeline.make_train_dataset(data, global_batch_size=2, seed=0, process_index=0,

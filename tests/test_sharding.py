@@ -413,7 +413,7 @@ def test_fsdp_across_slices_is_refused_before_anything_is_built(two_slices, shap
     message = (r"^mesh.shape=\(1, 8\): the devices span 2 slices \(multislice\), .*'data' "
                r"\(=1\) must be a multiple of 2 .* each 'fsdp' group \(=8\) stays inside one")
     with pytest.raises(ValueError, match=message):
-        sharding.resolve_mesh_shape(shape)  # what config_lib.validate calls
+        sharding.resolve_mesh_shape(shape)  # what config_validation.validate calls
     with pytest.raises(ValueError, match=message):
         sharding.make_mesh(shape)
 

@@ -29,9 +29,9 @@ flags.mark_flags_as_required(["checkpoint", "config", "out"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from pdm_jax import config_lib, export_format
+    from pdm_jax import config_validation, export_format
 
-    config_lib.validate(FLAGS.config, "summary")
+    config_validation.validate(FLAGS.config, "summary")
     out = export_format.export_torch_checkpoints(FLAGS.config, FLAGS.checkpoint, FLAGS.out,
                                                  FLAGS.dtype)
     print(f"Wrote {out}")

@@ -3,7 +3,7 @@
 ``data.name`` is the demo (``pdm_emoji_demo``, built offline on first use), any tfds image
 dataset (``imagenet2012`` from ``data.manual_dir``, ``lsun/church_outdoor``, ...) or ``folder``
 (``data.folder``). The checks here run in seconds before anything is built
-(``config_lib.validate``), and ``--mode=prepare_data`` prepares a tfds dataset once.
+(``config_validation.validate``), and ``--mode=prepare_data`` prepares a tfds dataset once.
 """
 
 from __future__ import annotations

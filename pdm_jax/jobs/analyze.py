@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from pdm_jax import config_lib, io as io_lib
+from pdm_jax import config_validation, io as io_lib
 from pdm_jax.analysis import blur
 from pdm_jax.data import datasets, pipeline
 from pdm_jax.diffusion import schedules
@@ -56,7 +56,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     Returns:
       The result dict written to the JSON file.
     """
-    config_lib.validate(config, "analyze", workdir)
+    config_validation.validate(config, "analyze", workdir)
     a, d = config.analysis, config.diffusion
     schedule = schedules.Schedule.from_name(d.schedule, d.num_timesteps)
     timesteps = blur.analysis_timesteps(a, d.num_timesteps)

@@ -15,7 +15,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from pdm_jax import checkpointing, config_lib, io as io_lib, sharding, writers
+from pdm_jax import config_validation, io as io_lib, run_loading, sharding, writers
 from pdm_jax.diffusion.experts import experts_from_config
 from pdm_jax.evaluation import report, scorer
 
@@ -30,7 +30,7 @@ def eval_name(config: ml_collections.ConfigDict) -> str:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Scores the run in ``workdir``; returns the metrics written to its eval/ JSON."""
-    config_lib.validate(config, "eval", workdir)
+    config_validation.validate(config, "eval", workdir)
     e, s = config.eval, config.sample
     mesh = sharding.make_mesh(config.mesh.shape)
     progress = writers.ReportProgress(num_steps=math.ceil(e.num_samples / e.batch_size),
@@ -38,7 +38,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     progress(0)
     score = scorer.make_scorer(config, mesh, num_samples=e.num_samples, steps=s.steps,
                                on_batch=progress)
-    emas = [checkpointing.load_expert_ema(workdir, x.index, mesh, config)
+    emas = [run_loading.load_expert_ema(workdir, x.index, mesh, config)
             for x in experts_from_config(config)]
     result = score(emas)
     logging.info("Eval (%s, steps=%s, w=%g, eta=%g, %d samples vs %s):\n%s", s.sampler, s.steps,

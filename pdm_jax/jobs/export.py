@@ -15,19 +15,19 @@ import ml_collections
 from absl import logging
 from jax.experimental import multihost_utils
 
-from pdm_jax import checkpointing, config_lib, export_format, sharding
+from pdm_jax import config_validation, export_format, run_loading, sharding
 from pdm_jax.diffusion.experts import experts_from_config
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Exports the run in ``workdir`` (trained with ``config``); returns the export directory."""
-    config_lib.validate(config, "export", workdir)
+    config_validation.validate(config, "export", workdir)
     export_dir = config.export.dir or os.path.join(workdir, "export")
     mesh = sharding.make_mesh(config.mesh.shape)
     kinds = {"ema": "ema", "raw": "params"} if config.export.include_raw else {"ema": "ema"}
     params, steps = [], []
     for expert in experts_from_config(config):
-        state, step = checkpointing.load_expert_state(workdir, expert.index, mesh, config)
+        state, step = run_loading.load_expert_state(workdir, expert.index, mesh, config)
         # Every process gathers the full arrays (FSDP shards may live on other hosts).
         params.append({kind: multihost_utils.process_allgather(state[key], tiled=True)
                        for kind, key in kinds.items()})

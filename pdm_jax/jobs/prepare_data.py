@@ -15,14 +15,14 @@ from __future__ import annotations
 import ml_collections
 from absl import logging
 
-from pdm_jax import config_lib
+from pdm_jax import config_validation
 from pdm_jax.data import datasets
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Prepares ``config.data``'s dataset; returns its directory (``builder.data_dir``)."""
     del workdir  # The data lives in data.data_dir, shared by every run that reads it.
-    config_lib.validate(config, "prepare_data")
+    config_validation.validate(config, "prepare_data")
     data_dir = datasets.prepare(config.data)
     logging.info("%s (split %s) is prepared in %s; train with --config.data.data_dir=%s.",
                  config.data.name, config.data.split, data_dir,

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from pdm_jax import config_lib, io as io_lib, sharding
+from pdm_jax import config_validation, io as io_lib, sharding
 from pdm_jax.data import datasets, pipeline
 from pdm_jax.evaluation import features, inception, metrics, npz_stats
 
@@ -36,7 +36,7 @@ def ref_stats_path(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Writes the reference statistics of the config's dataset; returns the .npz path."""
-    config_lib.validate(config, "ref_stats", workdir)
+    config_validation.validate(config, "ref_stats", workdir)
     e = config.eval
     process_count = jax.process_count()
     data_config = dict(config.data.to_dict(), random_flip=False)

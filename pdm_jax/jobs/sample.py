@@ -12,7 +12,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from pdm_jax import checkpointing, config_lib, io as io_lib, sampling, sharding, writers
+from pdm_jax import config_validation, io as io_lib, run_loading, sampling, sharding, writers
 from pdm_jax.diffusion.experts import experts_from_config
 
 
@@ -23,11 +23,11 @@ def sample_name(config: ml_collections.ConfigDict) -> str:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Samples ``sample.num_samples`` images with the latest EMA weights; returns the .npz path."""
-    config_lib.validate(config, "sample", workdir)
+    config_validation.validate(config, "sample", workdir)
     s = config.sample
     mesh = sharding.make_mesh(config.mesh.shape)
     experts = experts_from_config(config)
-    emas = [checkpointing.load_expert_ema(workdir, e.index, mesh, config) for e in experts]
+    emas = [run_loading.load_expert_ema(workdir, e.index, mesh, config) for e in experts]
     sample_fn = sampling.make_sample_fn(config, mesh, steps=s.steps, sampler=s.sampler,
                                         eta=s.eta, guidance_scale=s.guidance_scale,
                                         batch_size=s.batch_size)

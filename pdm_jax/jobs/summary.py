@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from pdm_jax import config_lib, io as io_lib
+from pdm_jax import config_validation, io as io_lib
 from pdm_jax.diffusion.experts import experts_from_config, sampling_steps_per_expert
 from pdm_jax.diffusion.schedules import Schedule
 from pdm_jax.models.flops import count_macs
@@ -49,7 +49,7 @@ def summarize(config: ml_collections.ConfigDict, workdir: str | None = None) -> 
       counts the steps of ``sample.steps`` each expert runs. In ``summary.json`` an unbounded
       SNR end is written as ``null`` (strict JSON has no Infinity).
     """
-    config_lib.validate(config, "summary")
+    config_validation.validate(config, "summary")
     experts = experts_from_config(config)
     d = config.diffusion
     respaced = Schedule.from_name(d.schedule, d.num_timesteps).respace(config.sample.steps)

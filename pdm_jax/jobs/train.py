@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from pdm_jax import checkpointing, config_lib, io as io_lib, sharding, writers
+from pdm_jax import checkpointing, config_validation, io as io_lib, run_loading, sharding, writers
 from pdm_jax.data import pipeline
 from pdm_jax.diffusion.experts import experts_from_config, training_timestep_range
 from pdm_jax.diffusion.schedules import Schedule
@@ -45,7 +45,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, State]:
     """
     #### Validate, before anything is built or written ####
     started = time.perf_counter()
-    config_lib.validate(config, "train", workdir)
+    config_validation.validate(config, "train", workdir)
     t = config.train
     experts = experts_from_config(config)
     indices = list(range(len(experts))) if t.expert < 0 else [t.expert]
@@ -73,7 +73,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, State]:
             if s.name not in states:
                 states[s.name] = s.create_state()
                 if s.expert.warm_start_expert >= 0:
-                    states[s.name] = checkpointing.warm_start(s, states[s.name], workdir, mesh)
+                    states[s.name] = run_loading.warm_start(s, states[s.name], workdir, mesh)
             logging.info("%s: %.2f M parameters, trains t in %s, %s", s.expert.describe(),
                          s.num_params() / 1e6, training_timestep_range(s.expert, schedule),
                          f"resumed from step {start}" if restored else "from scratch")
