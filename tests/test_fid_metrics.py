@@ -23,6 +23,7 @@ import pytest
 
 from conftest import REPO, demo_config
 from pdm_jax.evaluation import metrics, npz_stats
+from pdm_jax.evaluation import precision_recall as precision_recall_lib
 
 
 def random_spd(rng, d, scale=1.0):
@@ -201,7 +202,7 @@ def test_precision_recall_of_hand_computed_point_sets():
     balls B(0, 3), B(1, 2), B(2, 2), B(3, 2), B(4, 3), which covers [-3, 7] on the line.
     """
     ref = on_axis(0, 1, 2, 3, 4)
-    np.testing.assert_array_equal(metrics.manifold_radii(ref), [9, 4, 4, 4, 9])
+    np.testing.assert_array_equal(precision_recall_lib.manifold_radii(ref), [9, 4, 4, 4, 9])
     # Inside: -2.5 and 6.5 (the end balls), (2, 1.5) (B(2, 2)) and -3 (exactly on B(0, 3):
     # ADM counts d <= r). Outside: -3.5, 7.5, 10 and (2, 2.5) (distance 2.5 from 2, sqrt(7.25)
     # from 1 and 3, sqrt(10.25) from 0 and 4).
@@ -209,16 +210,16 @@ def test_precision_recall_of_hand_computed_point_sets():
                              on_axis(2.0, y=1.5), on_axis(2.0, y=2.5)])
     # The samples' own balls: -2.5 reaches (2, 1.5) (radius^2 22.5), covering 0, 1, 2; 6.5
     # reaches (2, 1.5) too, covering 2, 3, 4: every reference point is recalled.
-    assert metrics.precision_recall(ref, sample) == (0.5, 1.0)
-    assert metrics.precision_recall(sample, ref) == (1.0, 0.5)  # the roles swap
+    assert precision_recall_lib.precision_recall(ref, sample) == (0.5, 1.0)
+    assert precision_recall_lib.precision_recall(sample, ref) == (1.0, 0.5)  # the roles swap
 
     # Mode dropping: a second cluster 100..104 that no sample comes near. Each sample lies in
     # the first cluster's balls (precision 1); the samples 0.5, 1.5, 2.5, 3.5 have radius 3 and
     # cover 0..4 but nothing of the second cluster (recall 5 / 10).
     two_modes = on_axis(0, 1, 2, 3, 4, 100, 101, 102, 103, 104)
-    assert metrics.precision_recall(two_modes, on_axis(0.5, 1.5, 2.5, 3.5)) == (1.0, 0.5)
+    assert precision_recall_lib.precision_recall(two_modes, on_axis(0.5, 1.5, 2.5, 3.5)) == (1.0, 0.5)
     # And blocks smaller than the sets (ragged last blocks) change nothing.
-    assert metrics.precision_recall(two_modes, on_axis(0.5, 1.5, 2.5, 3.5), block=3) == (1.0,
+    assert precision_recall_lib.precision_recall(two_modes, on_axis(0.5, 1.5, 2.5, 3.5), block=3) == (1.0,
                                                                                          0.5)
 
 
@@ -231,8 +232,8 @@ def test_precision_recall_on_clusters_matches_brute_force_with_blocking():
               + rng.normal(size=(170, 12)) * rng.uniform(0.6, 1.2, (170, 1))).astype(np.float32)
     ref_radii, precision, recall = brute_force_pr(ref, sample)
     # Blocks of 64 leave ragged last blocks on both sets: padding must not count.
-    np.testing.assert_allclose(metrics.manifold_radii(ref, block=64), ref_radii, rtol=1e-4)
-    got = metrics.precision_recall(ref, sample, block=64)
+    np.testing.assert_allclose(precision_recall_lib.manifold_radii(ref, block=64), ref_radii, rtol=1e-4)
+    got = precision_recall_lib.precision_recall(ref, sample, block=64)
     assert got == pytest.approx((precision, recall), abs=1e-12)
     assert 0.7 < precision < 1.0 and 0.2 < recall < 0.6
 

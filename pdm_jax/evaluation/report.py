@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from pdm_jax.evaluation import metrics, npz_stats
+from pdm_jax.evaluation import precision_recall as precision_recall_lib
 
 
 def needs_features(path: str) -> bool:
@@ -88,10 +89,10 @@ def compute_metrics(ref: npz_stats.BatchStats, sample: npz_stats.BatchStats) -> 
         side = "reference" if ref.pool_features is None else "sample"
         result["notes"]["precision_recall"] = (f"the {side} file has no images or "
                                                f"pool_features")
-    elif min(len(ref.pool_features), len(sample.pool_features)) <= metrics.PR_K:
-        result["notes"]["precision_recall"] = f"needs more than k={metrics.PR_K} points per set"
+    elif min(len(ref.pool_features), len(sample.pool_features)) <= precision_recall_lib.PR_K:
+        result["notes"]["precision_recall"] = f"needs more than k={precision_recall_lib.PR_K} points per set"
     else:
-        result["precision"], result["recall"] = metrics.precision_recall(
+        result["precision"], result["recall"] = precision_recall_lib.precision_recall(
             ref.pool_features, sample.pool_features)
         result["num_pr_ref"] = len(ref.pool_features)
         result["num_pr_samples"] = len(sample.pool_features)
