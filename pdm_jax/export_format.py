@@ -178,6 +178,13 @@ def _replace_dir(tmp: str, out_dir: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _lr_schedule_words(optim: ml_collections.ConfigDict) -> str:
+    words = f"warmup {optim.warmup_steps}"
+    if optim.get("schedule", "constant") == "cosine":
+        words += f", cosine decay to {optim.final_lr:g} at step {optim.decay_steps}"
+    return words
+
+
 def model_card(meta: Mapping[str, Any], config: ml_collections.ConfigDict, notes: str) -> str:
     """A short Markdown model card: data, architecture, diffusion, training, experts, usage."""
     c = config
@@ -192,7 +199,7 @@ def model_card(meta: Mapping[str, Any], config: ml_collections.ConfigDict, notes
         f"- Diffusion: {c.diffusion.schedule} schedule, T={c.diffusion.num_timesteps}, "
         f"{c.diffusion.parameterization} parameterisation, {c.diffusion.weighting} weighting.",
         f"- Training: step {meta['step']}, batch {c.train.batch_size}, Adam lr {c.optim.lr:g} "
-        f"(warmup {c.optim.warmup_steps}), EMA decay {c.train.ema_decay:g}.",
+        f"({_lr_schedule_words(c.optim)}), EMA decay {c.train.ema_decay:g}.",
         f"- Weights: {meta['dtype']}; config hash `{meta['config_hash']}`; "
         f"source: {json.dumps(meta['source'])}.",
         "", "| expert | SNR interval | patch | widths | parameters | step |",

@@ -41,3 +41,16 @@ def test_bad_schedule_settings_are_refused_by_config_validation(overrides, messa
     config.optim.update(overrides)
     with pytest.raises(ValueError, match=message):
         config_validation.validate(config, "train")
+
+
+def test_model_card_names_the_schedule():
+    from pdm_jax import export_format
+
+    config = demo_config("long=True")
+    config.optim.update(schedule="cosine", decay_steps=24_000, final_lr=0.0)
+    meta = {"num_classes": 6, "step": 24_000, "dtype": "bfloat16", "config_hash": "0" * 16,
+            "source": {}, "experts": []}
+    card = export_format.model_card(meta, config, "")
+    assert "Adam lr 0.002 (warmup 100, cosine decay to 0 at step 24000)" in card, card
+    config.optim.schedule = "constant"
+    assert "Adam lr 0.002 (warmup 100), EMA" in export_format.model_card(meta, config, "")
