@@ -30,7 +30,9 @@ sys.path.insert(0, str(REPO))
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="a run: its config.json and latest EMA checkpoints")
+    source.add_argument("--export_dir", help="an export (--mode=export), e.g. pretrained/...")
     parser.add_argument("--inception_path", required=True)
     parser.add_argument("--num", type=int, default=0, help="samples (default: half the data)")
     parser.add_argument("--steps", default="", help="respacing (default: the run's sample.steps)")
@@ -42,11 +44,14 @@ def main(argv=None) -> dict:
 
     import jax
 
-    from pdm_jax import config_validation, run_loading, sharding
+    from pdm_jax import config_validation, export_format, run_loading, sharding
     from pdm_jax.diffusion.experts import experts_from_config
     from pdm_jax.evaluation import floor as floor_lib
 
-    config = run_loading.read_run_config(args.workdir)
+    if args.export_dir:
+        _, config, export_params = export_format.read_export(args.export_dir)
+    else:
+        config = run_loading.read_run_config(args.workdir)
     config.sample.update(seed=args.seed, **{k: v for k, v in (
         ("steps", args.steps), ("sampler", args.sampler),
         ("guidance_scale", args.guidance_scale)) if v not in ("", None)})
@@ -61,13 +66,16 @@ def main(argv=None) -> dict:
                                    ref_path=os.path.join(tmp, "reference.npz"), labels=labels)
         config.eval.update(inception_path=args.inception_path, ref_path=ref.path,
                            num_samples=num, batch_size=args.batch_size)
-        config_validation.validate(config, "eval", args.workdir)
-        emas = [run_loading.load_expert_ema(args.workdir, e.index, mesh, config)
-                for e in experts_from_config(config)]
+        if args.export_dir:
+            emas = [jax.device_put(p, sharding.param_shardings(p, mesh)) for p in export_params]
+        else:
+            config_validation.validate(config, "eval", args.workdir)
+            emas = [run_loading.load_expert_ema(args.workdir, e.index, mesh, config)
+                    for e in experts_from_config(config)]
         model = floor_lib.reference_scorer(config, mesh, ref, steps=config.sample.steps,
                                            batch_size=args.batch_size)(emas)
     keys = floor_lib.METRIC_KEYS
-    result = {"workdir": args.workdir, "num": num, "data_images": len(images),
+    result = {"workdir": args.workdir, "export_dir": args.export_dir, "num": num, "data_images": len(images),
               "sampler": config.sample.sampler, "steps": config.sample.steps,
               "guidance_scale": config.sample.guidance_scale,
               "floor": ref.floor, "model": {k: model[k] for k in keys},

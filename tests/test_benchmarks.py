@@ -192,34 +192,50 @@ def test_demo_recipe_sweep_rejects_an_unknown_recipe():
 #### demo_fid.py ####
 
 
-def test_demo_fid_scores_a_run_next_to_its_datas_floor(capsys, tmp_path):
-    """A workdir of random (untrained) demo-smoke weights, random Inception weights, 8 samples:
-    the JSON has both sets of metrics at the same count, and noise is farther from the data
-    than the data's other half is."""
-    from conftest import demo_config, write_random_run
-    from test_fid_metrics import random_inception_weights
-
-    from pdm_jax.data import datasets
-    from pdm_jax.evaluation import inception
-
-    config = demo_config("smoke")  # the demo images at 16x16, two experts
-    write_random_run(tmp_path / "run", config, step=2)
-    weights = str(tmp_path / "inception.safetensors")
-    inception.save_inception_weights(weights, random_inception_weights(), source="random")
+def run_demo_fid(capsys, *args: str) -> dict:
     argv = sys.argv
-    sys.argv = ["demo_fid.py", f"--workdir={tmp_path / 'run'}", f"--inception_path={weights}",
-                "--num=8", "--batch_size=8"]
+    sys.argv = ["demo_fid.py", *args]
     try:
         runpy.run_path(str(BENCHMARKS / "demo_fid.py"), run_name="__main__")
     finally:
         sys.argv = argv
-    out = json.loads(capsys.readouterr().out)
+    return json.loads(capsys.readouterr().out)
+
+
+def test_demo_fid_scores_a_run_next_to_its_datas_floor(capsys, tmp_path):
+    """A workdir of random (untrained) demo-smoke weights, random Inception weights, 8 samples:
+    the JSON has both sets of metrics at the same count, and noise is farther from the data
+    than the data's other half is. A float32 export of that run scores exactly the same."""
+    from conftest import demo_config, write_random_run
+    from test_fid_metrics import random_inception_weights
+
+    import jax
+
+    from pdm_jax import export_format
+    from pdm_jax.data import datasets
+    from pdm_jax.diffusion.experts import experts_from_config
+    from pdm_jax.evaluation import inception
+
+    config = demo_config("smoke")  # the demo images at 16x16, two experts
+    states = write_random_run(tmp_path / "run", config, step=2)
+    weights = str(tmp_path / "inception.safetensors")
+    inception.save_inception_weights(weights, random_inception_weights(), source="random")
+    common = (f"--inception_path={weights}", "--num=8", "--batch_size=8")
+    out = run_demo_fid(capsys, f"--workdir={tmp_path / 'run'}", *common)
     # Every image of the demo set is distinct: the whole set was read, once.
     assert out["data_images"] == datasets.dataset_size(config.data)
     assert out["num"] == 8 and out["steps"] == "5"
     assert set(out["floor"]) == set(out["model"]) == {"fid", "sfid", "precision", "recall"}
     assert 0 < out["floor"]["fid"] < out["model"]["fid"]
     assert out["fid_over_floor"] == pytest.approx(out["model"]["fid"] / out["floor"]["fid"])
+
+    export_format.write_export(
+        str(tmp_path / "export"), config,
+        [{"ema": jax.device_get(states[e.name]["ema"])} for e in experts_from_config(config)],
+        [2] * len(states), dtype="float32", source={"workdir": str(tmp_path / "run")})
+    from_export = run_demo_fid(capsys, f"--export_dir={tmp_path / 'export'}", *common)
+    assert from_export["export_dir"] == str(tmp_path / "export")
+    assert from_export["floor"] == out["floor"] and from_export["model"] == out["model"]
 
 
 #### vs_pytorch.py ####
