@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -101,15 +100,13 @@ def test_cli_overrides_are_validated_before_the_workdir_is_created(tmp_path):
 
 
 @pytest.mark.slow
-def test_imagenet_without_manual_dir_fails_in_seconds_naming_the_flag(tmp_path):
+def test_imagenet_without_manual_dir_stops_at_validation_naming_the_flag(tmp_path):
     """imagenet2012 needs a manual download: with nothing prepared in data.data_dir and no
     data.manual_dir the run stops at validation, before any model is built or data read."""
     data_dir, workdir = tmp_path / "tfds", tmp_path / "in256"
     data_dir.mkdir()
-    start = time.monotonic()
     result = run_main("--config=configs/imagenet256.py", f"--workdir={workdir}",
                       f"--config.data.data_dir={data_dir}")
-    elapsed = time.monotonic() - start
     line = error_line(result)
     # One line that names the flag to pass, and the data_dir override that reached the check.
     assert line.startswith("FileNotFoundError: Dataset 'imagenet2012' is not prepared in "
@@ -117,9 +114,9 @@ def test_imagenet_without_manual_dir_fails_in_seconds_naming_the_flag(tmp_path):
     assert "--config.data.manual_dir=DIR" in line and "ILSVRC2012_img_train.tar" in line
     assert not (workdir / "checkpoints").exists() and not workdir.exists()
     assert list(data_dir.iterdir()) == []  # nothing downloaded or prepared
-    # Seconds of imports, not the minutes of building a 256 px ensemble first (the bound is
-    # loose for a busy 2-core machine).
-    assert elapsed < 90, elapsed
+    # Stopped before the mesh and the 256 px ensemble were built (train.py logs both after
+    # validation). Checked by what ran, not by a wall-time bound a loaded machine breaks.
+    assert "Mesh {" not in result.stderr and "M parameters" not in result.stderr
 
 
 @pytest.mark.slow

@@ -37,6 +37,15 @@ def test_released_parameter_counts_within_half_percent(name):
     assert abs(params / 1e6 - millions) / millions < 0.005, (name, params)
 
 
+@pytest.mark.parametrize("arg, params", [("", 4_803_504), ("long=True", 10_753_392)])
+def test_demo_recipes_have_the_parameter_counts_the_readme_states(arg, params):
+    """The quick start's network (also the shipped width-64 export's) and the long recipe's
+    wider one (configs/demo.py, README "Measured")."""
+    from conftest import demo_config
+
+    assert count_params(UNetConfig.from_dict(demo_config(arg).model.to_dict())) == params
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(patch_size=3), "patch_size=3 does not divide image_size=16"),
     (dict(model_channels=24), "not divisible by num_groups=32"),
