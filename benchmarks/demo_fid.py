@@ -75,7 +75,8 @@ def main(argv=None) -> dict:
         model = floor_lib.reference_scorer(config, mesh, ref, steps=config.sample.steps,
                                            batch_size=args.batch_size)(emas)
     keys = floor_lib.METRIC_KEYS
-    result = {"workdir": args.workdir, "export_dir": args.export_dir, "num": num, "data_images": len(images),
+    result = {"workdir": args.workdir, "export_dir": args.export_dir, "num": num,
+              "data_images": len(images),
               "sampler": config.sample.sampler, "steps": config.sample.steps,
               "guidance_scale": config.sample.guidance_scale,
               "floor": ref.floor, "model": {k: model[k] for k in keys},
