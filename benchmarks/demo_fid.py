@@ -66,10 +66,11 @@ def main(argv=None) -> dict:
                                    ref_path=os.path.join(tmp, "reference.npz"), labels=labels)
         config.eval.update(inception_path=args.inception_path, ref_path=ref.path,
                            num_samples=num, batch_size=args.batch_size)
-        if args.export_dir:
+        # An export has no workdir (None): its config is checked, with no checkpoints to look for.
+        config_validation.validate(config, "eval", args.workdir)
+        if args.export_dir:  # placed as inference.Pipeline places them
             emas = [jax.device_put(p, sharding.param_shardings(p, mesh)) for p in export_params]
         else:
-            config_validation.validate(config, "eval", args.workdir)
             emas = [run_loading.load_expert_ema(args.workdir, e.index, mesh, config)
                     for e in experts_from_config(config)]
         model = floor_lib.reference_scorer(config, mesh, ref, steps=config.sample.steps,
