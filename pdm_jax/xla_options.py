@@ -8,7 +8,11 @@ computation keeps the options it started with). They change only the CPU backend
     XLA's own convolution kernels instead of YNNPACK's. On the 2-core development CPU (AMD
     EPYC, AVX-512, jax 0.10.2, float32) this made the demo U-Net's forward 0.67x and its
     forward + backward 0.83x the time, and the LSUN P=4 U-Net's forward 0.75x and forward +
-    backward 0.95x (processes alternated, idle machine).
+    backward 0.95x (processes alternated, idle machine). On jax 0.11.2 and 0.12.0.1 (Python
+    3.12) YNNPACK's backward convolutions are the slow part: the flag makes the LSUN P=4
+    U-Net's forward + backward at batch 4 about 0.75x the time and the demo's 0.8-0.95x,
+    while the LSUN forward is about 5% slower with it (PyTorch timed alongside as the
+    yardstick, two rounds); training is what the CPU is used for, so it stays on.
 
 Set PDM_JAX_XLA_CPU_OPTIONS=0 to leave XLA_FLAGS alone. The flag names are experimental, and
 XLA aborts on a flag it does not know, so they are added only for the jaxlib versions they were
@@ -20,7 +24,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 
-JAXLIB_SERIES = ("0.10.",)
+JAXLIB_SERIES = ("0.10.", "0.11.", "0.12.")
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "-individual_convolution"}
 
 

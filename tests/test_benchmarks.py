@@ -12,6 +12,7 @@ import math
 import os
 import pathlib
 import runpy
+import shutil
 import sys
 
 import numpy as np
@@ -268,3 +269,31 @@ def test_vs_pytorch_times_the_same_network_in_both(capsys):
     secs = result["seconds"]
     assert result["jax_over_torch"]["forward_backward"] == pytest.approx(
         secs["jax_forward_backward"] / secs["torch_forward_backward"])
+
+
+def test_vs_pytorch_peer_runs_pdm_jax_in_another_python(golden_dir, tmp_path):
+    """--jax_python's peer (here this interpreter again) imports the authors' weights, answers
+    with their network's output and times its own calls."""
+    import jax
+
+    peer_class = runpy.run_path(str(BENCHMARKS / "vs_pytorch.py"))["_JaxPeer"]
+    data = np.load(golden_dir / "pdm_unet_tiny_p4_classcond.npz")
+    args = json.loads(str(data["config_json"]))
+    state = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith("torch_state/")}
+    peer = peer_class(sys.executable)
+    try:
+        assert peer.info["jax"] == jax.__version__
+        out, calls = peer.load(args, state, data["input_x_nhwc"], data["input_t"],
+                               data["input_y"], str(tmp_path))
+        seconds = [calls["jax_forward"](), calls["jax_forward_backward"]()]
+    finally:
+        peer.close()
+    assert out.shape == data["output_nhwc"].shape
+    assert np.abs(out[..., :3] - data["output_nhwc"][..., :3]).max() <= 1e-4
+    assert all(isinstance(s, float) and s > 0 for s in seconds)
+
+
+def test_vs_pytorch_peer_that_exits_is_reported():
+    peer_class = runpy.run_path(str(BENCHMARKS / "vs_pytorch.py"))["_JaxPeer"]
+    with pytest.raises(RuntimeError, match=r"the pdm_jax process under .*false exited \(code 1\)"):
+        peer_class(shutil.which("false"))

@@ -11,16 +11,17 @@ from pdm_jax import xla_options
 FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 
 
-def test_added_once_after_the_users_flags():
+@pytest.mark.parametrize("version", ["0.10.2", "0.11.2", "0.12.0.1"])
+def test_added_once_after_the_users_flags(version):
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    assert xla_options.apply_cpu_options(env, "0.10.2") == [FLAG]
+    assert xla_options.apply_cpu_options(env, version) == [FLAG]
     assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {FLAG}"
-    assert xla_options.apply_cpu_options(env, "0.10.2") == []  # idempotent
+    assert xla_options.apply_cpu_options(env, version) == []  # idempotent
 
 
 @pytest.mark.parametrize("env,version", [
     ({"PDM_JAX_XLA_CPU_OPTIONS": "0"}, "0.10.2"),  # opted out
-    ({}, "0.11.0"),  # a jaxlib the flag was not measured on: XLA aborts on unknown flags
+    ({}, "0.13.0"),  # a jaxlib the flag was not measured on: XLA aborts on unknown flags
     ({"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=reduce"}, "0.10.2"),  # user's wins
 ])
 def test_left_alone(env, version):
