@@ -123,7 +123,7 @@ class _JaxPeer:
 
     For a jaxlib that cannot share an interpreter with torch (e.g. jax 0.12 needs Python 3.12,
     where this project installs no torch): each timed call is a request to the other process,
-    so the two frameworks still alternate exactly as in one process. The peer times its own
+    so the two frameworks still alternate as they do in one process. The peer times its own
     calls, leaving the pipe's round trip out.
     """
 
