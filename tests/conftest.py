@@ -61,6 +61,11 @@ def xla_cache() -> str:
     return os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 
+def golden_torch_state(golden) -> dict:
+    """A golden file's PyTorch state_dict: its ``torch_state/<name>`` arrays by official name."""
+    return {k.split("/", 1)[1]: golden[k] for k in golden.files if k.startswith("torch_state/")}
+
+
 def demo_config(arg: str = "smoke"):
     """``configs/demo.py``'s get_config(arg)."""
     return config_lib.load_config(REPO / "configs" / "demo.py", arg)

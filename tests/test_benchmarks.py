@@ -275,16 +275,16 @@ def test_vs_pytorch_peer_runs_pdm_jax_in_another_python(golden_dir, tmp_path):
     """--jax_python's peer (here this interpreter again) imports the authors' weights, answers
     with their network's output and times its own calls."""
     import jax
+    from conftest import golden_torch_state
 
     peer_class = runpy.run_path(str(BENCHMARKS / "vs_pytorch.py"))["_JaxPeer"]
     data = np.load(golden_dir / "pdm_unet_tiny_p4_classcond.npz")
     args = json.loads(str(data["config_json"]))
-    state = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith("torch_state/")}
     peer = peer_class(sys.executable)
     try:
         assert peer.info["jax"] == jax.__version__
-        out, calls = peer.load(args, state, data["input_x_nhwc"], data["input_t"],
-                               data["input_y"], str(tmp_path))
+        out, calls = peer.load(args, golden_torch_state(data), data["input_x_nhwc"],
+                               data["input_t"], data["input_y"], str(tmp_path))
         seconds = [calls["jax_forward"](), calls["jax_forward_backward"]()]
     finally:
         peer.close()

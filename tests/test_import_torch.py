@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, golden_torch_state
 from pdm_jax import config_lib, export_format
 from pdm_jax.inference import Pipeline
 
@@ -49,8 +49,7 @@ def golden(golden_dir):
 def files(golden, tmp_path_factory):
     """The golden state_dict as a .pt file (torch.save of a dict of tensors) and its config."""
     root = tmp_path_factory.mktemp("torch_import")
-    state = {k.split("/", 1)[1]: torch.from_numpy(golden[k].copy())
-             for k in golden.files if k.startswith("torch_state/")}
+    state = {k: torch.from_numpy(v.copy()) for k, v in golden_torch_state(golden).items()}
     torch.save(state, root / "golden.pt")
     (root / "golden_config.py").write_text(
         GOLDEN_CONFIG.format(args=str(golden["config_json"])))

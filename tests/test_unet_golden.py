@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import golden_torch_state
 from pdm_jax.models.torch_import import load_torch_state_dict, unet_config_from_torch_args
 from pdm_jax.models.unet import UNet
 
@@ -16,8 +17,7 @@ from pdm_jax.models.unet import UNet
 def golden(golden_dir):
     data = np.load(golden_dir / "pdm_unet_tiny_p4_classcond.npz")
     config = unet_config_from_torch_args(json.loads(str(data["config_json"])))
-    state_dict = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith("torch_state/")}
-    return data, config, state_dict
+    return data, config, golden_torch_state(data)
 
 
 @pytest.fixture(scope="module")
