@@ -77,6 +77,15 @@ def _median_times(fns: dict, iters: int) -> dict[str, float]:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def _jax_info() -> dict:
+    """This process's JAX: version, device kind and XLA_FLAGS (pdm_jax's CPU options included)."""
+    import pdm_jax  # noqa: F401  (its XLA:CPU options must precede JAX's CPU client)
+    import jax
+
+    return {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
 def _jax_side(args: dict, state: dict, x: np.ndarray, t: np.ndarray,
               y: np.ndarray | None) -> tuple[np.ndarray, dict]:
     """pdm_jax's half of a comparison: the U-Net with the given weights, jitted and warmed up.
@@ -165,15 +174,11 @@ def _serve_jax() -> None:
     """The peer's loop: one JSON request per stdin line, one JSON reply per line."""
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # anything else printed (JAX, XLA) goes to stderr, not into the replies
-    import pdm_jax  # noqa: F401  (its XLA:CPU options must precede JAX's CPU client)
-    import jax
-
     calls: dict = {}
     for line in sys.stdin:
         request = json.loads(line)
         if request["cmd"] == "hello":
-            reply = {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
-                     "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            reply = _jax_info()
         elif request["cmd"] == "load":
             data = np.load(request["npz"])
             state = {k[len("state/"):]: data[k] for k in data.files if k.startswith("state/")}
@@ -291,13 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     torch.set_num_threads(os.cpu_count() or 1)
     peer = _JaxPeer(args.jax_python) if args.jax_python else None
-    if peer is None:
-        import pdm_jax  # noqa: F401  (its XLA:CPU options must precede JAX's CPU client)
-        import jax
-        jax_info = {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
-                    "xla_flags": os.environ.get("XLA_FLAGS", "")}
-    else:
-        jax_info = {**peer.info, "jax_python": args.jax_python}
+    jax_info = _jax_info() if peer is None else {**peer.info, "jax_python": args.jax_python}
     load_before = os.getloadavg()
     results = []
     with tempfile.TemporaryDirectory() as scratch:
