@@ -72,3 +72,24 @@ def test_importer_rejects_wrong_shapes_and_missing_keys(golden):
     extra = dict(state_dict, **{"input_blocks.1.0.bogus.weight": np.zeros(3)})
     with pytest.raises(ValueError, match="Unexpected key 'input_blocks.1.0.bogus.weight'"):
         load_torch_state_dict(model, extra)
+
+
+def test_importer_places_values_where_the_parameters_live(golden):
+    """A concrete model gets device arrays with its parameters' shardings (numpy parameters would
+    be copied to the devices by every jitted call); an abstract one keeps host arrays."""
+    _, config, state_dict = golden
+    model = UNet(config, rngs=nnx.Rngs(0))
+    mesh = jax.make_mesh((len(jax.devices()),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Explicit,))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    nnx.update(model, jax.device_put(nnx.state(model, nnx.Param), replicated))
+    load_torch_state_dict(model, state_dict)
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert all(isinstance(x, jax.Array) and x.sharding == replicated for x in leaves)
+    np.testing.assert_array_equal(
+        np.asarray(model.label_emb.embedding[...]), state_dict["label_embs.weight"])
+
+    abstract = nnx.eval_shape(lambda: UNet(config, rngs=nnx.Rngs(0)))
+    load_torch_state_dict(abstract, state_dict)
+    assert all(isinstance(x, np.ndarray)
+               for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
