@@ -311,3 +311,28 @@ def test_vs_pytorch_peer_that_exits_is_reported():
     peer_class = runpy.run_path(str(BENCHMARKS / "vs_pytorch.py"))["_JaxPeer"]
     with pytest.raises(RuntimeError, match=r"the pdm_jax process under .*false exited \(code 1\)"):
         peer_class(shutil.which("false"))
+
+
+#### gpu_issue18.sh ####
+
+
+def test_gpu_script_runs_its_steps_at_smoke_size():
+    """The prepared one-call GPU script (issue 18) runs end to end: a train-step cost per batch
+    size, then the two-expert sampling throughput (SMOKE=1: micro networks, this backend)."""
+    import subprocess
+
+    env = dict(os.environ, SMOKE="1", PYTHON=sys.executable)
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu_issue18.sh")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    decoder, text, docs = json.JSONDecoder(), done.stdout.strip(), []
+    while text:
+        doc, end = decoder.raw_decode(text)
+        docs.append(doc)
+        text = text[end:].strip()
+    costs, sampling = docs[:-1], docs[-1]
+    assert [c["results"][0]["batch"] for c in costs] == [2, 4]
+    assert all(c["results"][0]["train_step_ms"] > 0 for c in costs)
+    assert [c["results"][0]["patch_size"] for c in costs] == [4, 4]
+    assert sampling["results"][0]["variant"] == "project"
+    assert sampling["results"][0]["images_per_s"] > 0
