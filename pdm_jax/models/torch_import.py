@@ -108,9 +108,8 @@ def _place_like(value: np.ndarray, current) -> np.ndarray | jax.Array:
     that takes it (121 M parameters: about 0.2 s per call on a 2-core CPU). An abstract model
     (``nnx.eval_shape``, the export path) has no devices: its values stay on the host.
     """
-    sharding = getattr(current, "sharding", None)
-    if isinstance(current, jax.Array) and sharding is not None:
-        return jax.device_put(value, sharding)
+    if isinstance(current, jax.Array):
+        return jax.device_put(value, current.sharding)
     return value
 
 
