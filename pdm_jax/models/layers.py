@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pdm_jax.models import group_norm
+from pdm_jax.models import conv, group_norm
 
 # PyTorch's default weight init (kaiming_uniform with a=sqrt(5)) is U(-1/sqrt(fan_in), ...),
 # i.e. variance 1/(3 fan_in): keep the reference's scale so training recipes transfer.
@@ -28,7 +28,8 @@ def conv3x3(in_ch: int, out_ch: int, *, rngs: nnx.Rngs, dtype, stride: int = 1, 
     """
     return nnx.Conv(
         in_ch, out_ch, (3, 3), strides=stride, padding="SAME", dtype=dtype,
-        kernel_init=zeros_init if zero_init else default_init, rngs=rngs)
+        kernel_init=zeros_init if zero_init else default_init,
+        conv_general_dilated=conv.conv_general_dilated, rngs=rngs)
 
 
 def conv1x1(in_ch: int, out_ch: int, *, rngs: nnx.Rngs, dtype, zero_init=False):
