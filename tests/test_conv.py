@@ -1,4 +1,4 @@
-"""pdm_jax.models.conv: the banded small-batch kernel gradient equals lax's, and is used where meant."""
+"""pdm_jax.models.conv: the re-formed backward of 3x3 layers equals lax's, and is used where meant."""
 
 import jax
 import jax.numpy as jnp
@@ -24,12 +24,12 @@ def test_band_count_only_for_small_batch_3x3_same():
     assert _bands((1, 16, 16, 4)) == 4
     assert _bands((2, 16, 16, 4)) == 2
     assert _bands((3, 16, 16, 4)) == 1           # 4 // 3 = 1 band
-    assert _bands((4, 16, 16, 4)) == 1           # BANDED_BATCH and above: lax as is
+    assert _bands((4, 16, 16, 4)) == 1           # BANDED_BATCH and above: no bands
     assert _bands((1, 12, 12, 4)) == 3           # bands divide the height...
     assert _bands((1, 6, 6, 4)) == 1             # ...and keep at least 4 rows each
-    assert _bands((1, 16, 16, 4), stride=2) == 1
-    assert _bands((1, 16, 16, 4), kernel=1, padding="VALID") == 1
-    assert _bands((1, 16, 16, 4), padding="VALID") == 1
+    assert _bands((1, 16, 16, 4), stride=2) == 0  # 0: plain lax, no custom backward
+    assert _bands((1, 16, 16, 4), kernel=1, padding="VALID") == 0
+    assert _bands((1, 16, 16, 4), padding="VALID") == 0
 
 
 @pytest.mark.parametrize("shape", [(1, 16, 16, 8), (2, 12, 12, 8), (1, 8, 8, 4), (5, 8, 8, 4)])
@@ -51,25 +51,40 @@ def test_values_and_gradients_match_lax(shape):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
+def _equations(jaxpr):
+    """Every equation of a jaxpr, those of its sub-jaxprs (custom_vjp, pjit) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            sub = getattr(value, "jaxpr", value)
+            if hasattr(sub, "eqns"):
+                yield from _equations(sub)
+
+
 def test_banded_gradient_stacks_bands_along_the_batch():
     """At batch 1 the kernel gradient's convolution sees 4 bands as a batch of 4."""
     x = jnp.zeros((1, 16, 16, 4))
     w = jnp.zeros((3, 3, 4, 8))
     grad = jax.grad(lambda w: jnp.sum(conv.conv_general_dilated(
         x, w, (1, 1), "SAME", dimension_numbers=_DN)))
-    jaxpr = jax.make_jaxpr(grad)(w)
-    lhs_shapes = []
-
-    def walk(jp):
-        for eqn in jp.eqns:
-            if eqn.primitive.name == "conv_general_dilated":
-                lhs_shapes.append(eqn.invars[0].aval.shape)
-            for value in eqn.params.values():
-                sub = getattr(value, "jaxpr", value)
-                if hasattr(sub, "eqns"):
-                    walk(sub)
-    walk(jaxpr.jaxpr)
+    lhs_shapes = [eqn.invars[0].aval.shape for eqn in _equations(jax.make_jaxpr(grad)(w).jaxpr)
+                  if eqn.primitive.name == "conv_general_dilated"]
     assert (4, 6, 18, 4) in lhs_shapes  # four bands of 4 rows plus their halo, padded width
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_input_gradient_flips_the_maps_not_the_kernel(batch):
+    """XLA:CPU's copy that flips and transposes a kernel at once is slow: the maps are flipped."""
+    w = jnp.zeros((3, 3, 4, 8))
+
+    def reversed_shapes(fn):
+        grad = jax.grad(lambda x: jnp.sum(fn(x, w, (1, 1), "SAME", dimension_numbers=_DN)))
+        jaxpr = jax.make_jaxpr(grad)(jnp.zeros((batch, 8, 8, 4)))
+        return {eqn.invars[0].aval.shape for eqn in _equations(jaxpr.jaxpr)
+                if eqn.primitive.name == "rev"}
+
+    assert reversed_shapes(lax.conv_general_dilated) == {(3, 3, 4, 8)}  # what lax does
+    assert reversed_shapes(conv.conv_general_dilated) == {(batch, 8, 8, 8), (batch, 8, 8, 4)}
 
 
 def test_bfloat16_compute_keeps_dtypes():
