@@ -32,11 +32,12 @@ def test_band_count_only_for_small_batch_3x3_same():
     assert _bands((1, 16, 16, 4), padding="VALID") == 0
 
 
-@pytest.mark.parametrize("shape", [(1, 16, 16, 8), (2, 12, 12, 8), (1, 8, 8, 4), (5, 8, 8, 4)])
+@pytest.mark.parametrize("shape", [(1, 16, 16, 8), (2, 12, 12, 8), (1, 8, 8, 4), (5, 8, 8, 4),
+                                   (1, 4, 4, 32), (5, 4, 4, 32)])
 def test_values_and_gradients_match_lax(shape):
     keys = jax.random.split(jax.random.key(0), 2)
     x = jax.random.normal(keys[0], shape)
-    w = jax.random.normal(keys[1], (3, 3, shape[-1], 6)) / np.sqrt(9 * shape[-1])
+    w = jax.random.normal(keys[1], (3, 3, shape[-1], max(6, shape[-1]))) / np.sqrt(9 * shape[-1])
 
     def loss(fn):
         return lambda x, w: jnp.sum(jnp.sin(fn(x, w, (1, 1), "SAME", dimension_numbers=_DN)))
@@ -72,19 +73,23 @@ def test_banded_gradient_stacks_bands_along_the_batch():
     assert (4, 6, 18, 4) in lhs_shapes  # four bands of 4 rows plus their halo, padded width
 
 
+def _reversed_shapes(fn, x_shape, w_shape):
+    """Shapes of the arrays that the input gradient of fn reverses."""
+    w = jnp.zeros(w_shape)
+    grad = jax.grad(lambda x: jnp.sum(fn(x, w, (1, 1), "SAME", dimension_numbers=_DN)))
+    jaxpr = jax.make_jaxpr(grad)(jnp.zeros(x_shape))
+    return {eqn.invars[0].aval.shape for eqn in _equations(jaxpr.jaxpr)
+            if eqn.primitive.name == "rev"}
+
+
 @pytest.mark.parametrize("batch", [1, 4])
-def test_input_gradient_flips_the_maps_not_the_kernel(batch):
-    """XLA:CPU's copy that flips and transposes a kernel at once is slow: the maps are flipped."""
-    w = jnp.zeros((3, 3, 4, 8))
-
-    def reversed_shapes(fn):
-        grad = jax.grad(lambda x: jnp.sum(fn(x, w, (1, 1), "SAME", dimension_numbers=_DN)))
-        jaxpr = jax.make_jaxpr(grad)(jnp.zeros((batch, 8, 8, 4)))
-        return {eqn.invars[0].aval.shape for eqn in _equations(jaxpr.jaxpr)
-                if eqn.primitive.name == "rev"}
-
-    assert reversed_shapes(lax.conv_general_dilated) == {(3, 3, 4, 8)}  # what lax does
-    assert reversed_shapes(conv.conv_general_dilated) == {(batch, 8, 8, 8), (batch, 8, 8, 4)}
+def test_input_gradient_flips_the_smaller_of_maps_and_kernel(batch):
+    """XLA:CPU's copy that flips and transposes a kernel at once is slow: small maps are flipped."""
+    small_maps = ((batch, 4, 4, 32), (3, 3, 32, 32))  # 16 * 64 * batch values < 9 * 32 * 32
+    assert _reversed_shapes(lax.conv_general_dilated, *small_maps) == {(3, 3, 32, 32)}
+    assert _reversed_shapes(conv.conv_general_dilated, *small_maps) == {(batch, 4, 4, 32)}
+    large_maps = ((batch, 16, 16, 4), (3, 3, 4, 8))   # there lax's kernel flip is cheaper
+    assert _reversed_shapes(conv.conv_general_dilated, *large_maps) == {(3, 3, 4, 8)}
 
 
 def test_bfloat16_compute_keeps_dtypes():

@@ -9,10 +9,11 @@ arithmetic (jax 0.10, 2-core AMD EPYC, float32; benchmarks/RESULTS.md):
   that both reverses and transposes it, and that copy runs far slower than a plain transpose
   (6.5 ms for a 3x3, 1024 -> 512 kernel, against 1.0 ms for the transpose alone), every step.
   With 'SAME' padding of one pixel on each side, flipping the kernel in space equals flipping
-  the gradient map before the convolution and the result after it, so the map is flipped
-  instead and the kernel only transposed: 8.6 -> 2.9 ms for that layer at 8x8, batch 1. Maps
-  are cheap to flip where kernels are large (the deep, small-map layers), and at 64x64 the two
-  forms take the same time.
+  the gradient map before the convolution and the result after it, so where the maps hold
+  fewer values than the kernel (the deep, small-map layers) the maps are flipped instead and
+  the kernel only transposed: 8.6 -> 2.9 ms for that layer at 8x8, batch 1. Where the maps are
+  larger, flipping them costs more than the kernel copy saves (64x64, 512 -> 256, batch 4:
+  98.7 -> 105.2 ms), and lax's form is kept.
 * Kernel gradient at small batches. XLA forms it as a convolution whose window is the whole
   feature map and whose contracted "feature" axis is the batch. At batch 1 that axis has length
   one, and XLA:CPU's kernels run far below their speed (39 ms for a 3x3, 512 -> 256 layer at
@@ -60,7 +61,8 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
     bands = _band_count(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                         dimension_numbers, feature_group_count, batch_group_count, kwargs)
     if bands:
-        return _cpu_conv3x3(lhs, rhs, bands, precision, preferred_element_type)
+        return _cpu_conv3x3(lhs, rhs, (bands, _flips_maps(lhs.shape, rhs.shape)), precision,
+                            preferred_element_type)
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
@@ -91,6 +93,13 @@ def _band_count(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
     return bands
 
 
+def _flips_maps(input_shape, kernel_shape) -> bool:
+    """Whether the input gradient flips the maps (fewer values than the kernel) or the kernel."""
+    batch, height, width, in_channels = input_shape
+    out_channels = kernel_shape[-1]
+    return batch * height * width * (in_channels + out_channels) <= 9 * in_channels * out_channels
+
+
 def _lax_conv3x3(x, w, padding, precision, preferred_element_type, dims=_NHWC):
     return lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=dims,
                                     precision=precision,
@@ -98,25 +107,33 @@ def _lax_conv3x3(x, w, padding, precision, preferred_element_type, dims=_NHWC):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _cpu_conv3x3(x, w, bands, precision, preferred_element_type):
-    """3x3 stride-1 'SAME' convolution with the re-formed backward pass of the module docstring."""
-    del bands
+def _cpu_conv3x3(x, w, plan, precision, preferred_element_type):
+    """3x3 stride-1 'SAME' convolution with the re-formed backward pass of the module docstring.
+
+    ``plan`` is (row bands of the kernel gradient, whether the input gradient flips the maps).
+    """
+    del plan
     return _lax_conv3x3(x, w, _SAME, precision, preferred_element_type)
 
 
-def _cpu_conv3x3_fwd(x, w, bands, precision, preferred_element_type):
-    return _cpu_conv3x3(x, w, bands, precision, preferred_element_type), (x, w)
+def _cpu_conv3x3_fwd(x, w, plan, precision, preferred_element_type):
+    return _cpu_conv3x3(x, w, plan, precision, preferred_element_type), (x, w)
 
 
-def _cpu_conv3x3_bwd(bands, precision, preferred_element_type, residuals, dy):
+def _cpu_conv3x3_bwd(plan, precision, preferred_element_type, residuals, dy):
     x, w = residuals
-    dx = _input_gradient(dy, w, precision, preferred_element_type)
+    bands, flip_maps = plan
+    dx = _input_gradient(x, w, dy, flip_maps, precision, preferred_element_type)
     dw = _kernel_gradient(x, w, dy, bands, precision, preferred_element_type)
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
-def _input_gradient(dy, w, precision, preferred_element_type):
-    """dx[p] = sum over taps t of dy[p - t] w[t]^T: the flip moves from the kernel to the maps."""
+def _input_gradient(x, w, dy, flip_maps, precision, preferred_element_type):
+    """dx[p] = sum over taps t of dy[p - t] w[t]^T, flipping the maps or (lax) the kernel."""
+    if not flip_maps:
+        _, input_vjp = jax.vjp(
+            lambda v: _lax_conv3x3(v, w, _SAME, precision, preferred_element_type), x)
+        return input_vjp(dy)[0]
     flipped = _lax_conv3x3(dy[:, ::-1, ::-1], w.astype(dy.dtype), _SAME, precision,
                            preferred_element_type, dims=_NHWC_SWAPPED)
     return flipped[:, ::-1, ::-1]
