@@ -33,7 +33,7 @@ def test_band_count_only_for_small_batch_3x3_same():
 
 
 @pytest.mark.parametrize("shape", [(1, 16, 16, 8), (2, 12, 12, 8), (1, 8, 8, 4), (5, 8, 8, 4),
-                                   (1, 4, 4, 32), (5, 4, 4, 32)])
+                                   (1, 4, 4, 32), (5, 4, 4, 32), (3, 4, 6, 32)])
 def test_values_and_gradients_match_lax(shape):
     keys = jax.random.split(jax.random.key(0), 2)
     x = jax.random.normal(keys[0], shape)
