@@ -131,9 +131,8 @@ def _cpu_conv3x3_bwd(plan, precision, preferred_element_type, residuals, dy):
 def _input_gradient(x, w, dy, flip_maps, precision, preferred_element_type):
     """dx[p] = sum over taps t of dy[p - t] w[t]^T, flipping the maps or (lax) the kernel."""
     if not flip_maps:
-        _, input_vjp = jax.vjp(
-            lambda v: _lax_conv3x3(v, w, _SAME, precision, preferred_element_type), x)
-        return input_vjp(dy)[0]
+        return _transpose(lambda v: _lax_conv3x3(v, w, _SAME, precision, preferred_element_type),
+                          x, dy)
     flipped = _lax_conv3x3(dy[:, ::-1, ::-1], w.astype(dy.dtype), _SAME, precision,
                            preferred_element_type, dims=_NHWC_SWAPPED)
     return flipped[:, ::-1, ::-1]
@@ -141,18 +140,22 @@ def _input_gradient(x, w, dy, flip_maps, precision, preferred_element_type):
 
 def _kernel_gradient(x, w, dy, bands, precision, preferred_element_type):
     if bands == 1:
-        _, kernel_vjp = jax.vjp(
-            lambda k: _lax_conv3x3(x, k, _SAME, precision, preferred_element_type), w)
-        return kernel_vjp(dy)[0]
+        return _transpose(lambda k: _lax_conv3x3(x, k, _SAME, precision, preferred_element_type),
+                          w, dy)
     # Band b covers output rows [b*r, (b+1)*r), which read padded input rows [b*r, b*r + r + 2):
     # a 'VALID' convolution of each padded band gives exactly that band's outputs.
     rows = x.shape[1] // bands
     padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     x_bands = jnp.concatenate([padded[:, b * rows:b * rows + rows + 2] for b in range(bands)])
     dy_bands = jnp.concatenate([dy[:, b * rows:(b + 1) * rows] for b in range(bands)])
-    _, kernel_vjp = jax.vjp(
-        lambda k: _lax_conv3x3(x_bands, k, "VALID", precision, preferred_element_type), w)
-    return kernel_vjp(dy_bands)[0]
+    return _transpose(
+        lambda k: _lax_conv3x3(x_bands, k, "VALID", precision, preferred_element_type),
+        w, dy_bands)
+
+
+def _transpose(linear_fn, primal, cotangent):
+    """The transpose of linear_fn at cotangent: a gradient without tracing a forward pass."""
+    return jax.linear_transpose(linear_fn, primal)(cotangent)[0]
 
 
 _cpu_conv3x3.defvjp(_cpu_conv3x3_fwd, _cpu_conv3x3_bwd)
